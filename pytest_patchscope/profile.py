@@ -1,0 +1,135 @@
+"""LocalizationProfile: what one sweep found, per layer (or per source x target layer pair).
+
+Plain data with no torch or pytest in it, so that baselines, reports and xdist workers can
+move it around as JSON-able dicts.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+
+@dataclass(frozen=True)
+class LayerCell:
+    """The outcome of one probe of a sweep: source layer l patched into target layer l*."""
+
+    layer: int
+    target_layer: int
+    text: str
+    hit: bool | None = None
+    """Whether ``expect`` appears in ``text`` (None when the sweep had no ``expect``)."""
+    logprob: float | None = None
+    """Log-probability of the expected answer's first token at the first generated step."""
+    rank: int | None = None
+    """Rank of that token among all tokens at the first generated step (0 = greedy choice)."""
+
+
+@dataclass(frozen=True)
+class LocalizationProfile:
+    """Per-layer decodability of one probe: the unit that baselines store and compare."""
+
+    probe: dict[str, Any]
+    """The probe's identity without its layers: source, target, positions, mapping, strength, ..."""
+    cells: tuple[LayerCell, ...]
+    expect: str | None = None
+    clean_text: str = ""
+    model: str = ""
+    weights_hash: str = ""
+    grid: bool = False
+    """True when target layers were swept independently of source layers (an l x l* grid)."""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # ---- derived views -------------------------------------------------------------
+    @property
+    def layers(self) -> list[int]:
+        return sorted({c.layer for c in self.cells})
+
+    @property
+    def target_layers(self) -> list[int]:
+        return sorted({c.target_layer for c in self.cells})
+
+    @property
+    def hit_cells(self) -> list[LayerCell]:
+        return [c for c in self.cells if c.hit]
+
+    @property
+    def hit_layers(self) -> list[int]:
+        """Source layers at which the expected text was generated (for any target layer)."""
+        return sorted({c.layer for c in self.cells if c.hit})
+
+    @property
+    def first_hit(self) -> int | None:
+        hits = self.hit_layers
+        return hits[0] if hits else None
+
+    @property
+    def peak_cell(self) -> LayerCell | None:
+        """The cell with the highest expected-token log-probability (ties: the earliest layer)."""
+        scored = [c for c in self.cells if c.logprob is not None]
+        if not scored:
+            return None
+        return max(scored, key=lambda c: (c.logprob, -c.layer, -c.target_layer))
+
+    @property
+    def peak_layer(self) -> int | None:
+        cell = self.peak_cell
+        return None if cell is None else cell.layer
+
+    def cell(self, layer: int, target_layer: int | None = None) -> LayerCell:
+        for c in self.cells:
+            if c.layer == layer and (target_layer is None or c.target_layer == target_layer):
+                return c
+        raise KeyError((layer, target_layer))
+
+    def score_by_layer(self) -> dict[int, float]:
+        """Best expected-token log-probability per source layer (max over target layers)."""
+        best: dict[int, float] = {}
+        for c in self.cells:
+            if c.logprob is not None:
+                best[c.layer] = max(best.get(c.layer, float("-inf")), c.logprob)
+        return best
+
+    # ---- presentation ----------------------------------------------------------------
+    def describe(self) -> str:
+        """One line naming the probe: (S, i, l) -> (T, i*, l*)."""
+        p = self.probe
+        target = p.get("preset") or p.get("target")
+        return (
+            f"S={p.get('source')!r} i={p.get('source_position')!r} -> "
+            f"T={target!r} i*={p.get('target_position')!r}"
+            + (f", expect={self.expect!r}" if self.expect is not None else "")
+        )
+
+    def table(self, max_text: int = 40) -> str:
+        """A fixed-width table for the terminal: one row per cell."""
+        header = f"{'l':>3} {'l*':>3} {'hit':>3} {'logprob':>8} {'rank':>6}  text"
+        rows = [self.describe(), header]
+        for c in sorted(self.cells, key=lambda c: (c.layer, c.target_layer)):
+            hit = "" if c.hit is None else ("yes" if c.hit else "-")
+            lp = "" if c.logprob is None else f"{c.logprob:8.3f}"
+            rank = "" if c.rank is None else str(c.rank)
+            text = c.text.replace("\n", "\\n")
+            if len(text) > max_text:
+                text = text[: max_text - 1] + "…"
+            rows.append(f"{c.layer:>3} {c.target_layer:>3} {hit:>3} {lp:>8} {rank:>6}  {text!s}")
+        return "\n".join(rows)
+
+    # ---- plain-data round trip (used by serializers and xdist) -----------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["cells"] = [asdict(c) for c in self.cells]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LocalizationProfile":
+        cells: Iterable[dict[str, Any]] = data.get("cells", [])
+        return cls(
+            probe=dict(data["probe"]),
+            cells=tuple(LayerCell(**c) for c in cells),
+            expect=data.get("expect"),
+            clean_text=data.get("clean_text", ""),
+            model=data.get("model", ""),
+            weights_hash=data.get("weights_hash", ""),
+            grid=bool(data.get("grid", False)),
+            meta=dict(data.get("meta", {})),
+        )
