@@ -316,6 +316,13 @@ def load_model(spec: str | os.PathLike[str] | None = None, *, device: str = "cpu
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
+    architectures = json.loads((directory / "config.json").read_text()).get("architectures") or []
+    if architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        raise ModelLoadError(
+            f"model={str(source.path)!r} is not a causal language model: its config.json names "
+            f"architectures {architectures}. Allowed: a decoder-only checkpoint (a *ForCausalLM "
+            "or *LMHeadModel architecture)."
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
         hf_model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)

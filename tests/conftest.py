@@ -1,0 +1,89 @@
+"""Shared fixtures: tiny randomly initialised models (fast unit tests) and the real default model.
+
+The tiny models reuse the default model's tokenizer (so prompts tokenize realistically) and are
+built from a config: a RoPE Llama and an absolute-position GPT-2, to cover both position schemes.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pytest_patchscope.models import PatchscopeModel, dequantized_cache_dir, from_hf, load_model, resolve_model_source
+from pytest_patchscope.scope import Patchscope
+
+
+@pytest.fixture(scope="session")
+def default_model_dir():
+    """The HF directory of the default model (dequantized once into the user cache)."""
+    return dequantized_cache_dir(resolve_model_source(None))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(default_model_dir))
+
+
+def tiny_hf_model(kind: str, vocab_size: int, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if kind == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True,
+        )
+        model = LlamaForCausalLM(config)
+    else:
+        config = GPT2Config(
+            vocab_size=vocab_size, n_embd=64, n_layer=4, n_head=4, n_positions=256,
+            bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        )
+        model = GPT2LMHeadModel(config)
+    # Scale up the weights a little so that greedy decoding is not one repeated token.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.mul_(3.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="session", params=["llama", "gpt2"])
+def tiny_model(request, tokenizer) -> PatchscopeModel:
+    """A 4-layer random model: 'llama' (RoPE) and 'gpt2' (absolute positions)."""
+    return from_hf(tiny_hf_model(request.param, len(tokenizer)), tokenizer, name=f"tiny-{request.param}")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tokenizer) -> PatchscopeModel:
+    return from_hf(tiny_hf_model("llama", len(tokenizer)), tokenizer, name="tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tokenizer):
+    """The tiny llama saved as an HF directory (safetensors), as a user's checkpoint would be."""
+    directory = tmp_path_factory.mktemp("tiny_llama")
+    tiny_hf_model("llama", len(tokenizer)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def default_scope() -> Patchscope:
+    """The real default model (SmolLM2-135M-Instruct), loaded once for the session."""
+    return Patchscope(load_model(None))
+
+
+@pytest.fixture(scope="session")
+def plain_hf(default_model_dir):
+    """An unbridged HF copy of the default model, for the independent reference implementation."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(default_model_dir), dtype=torch.float32).eval()
+
+
+def active_hooks(model: PatchscopeModel) -> list[str]:
+    """Names of hook points that still carry a hook (must be empty between probes)."""
+    return [name for name, hp in model.bridge.hook_dict.items() if hp.fwd_hooks or hp.bwd_hooks]

@@ -1,0 +1,232 @@
+"""Engine behaviour on tiny random models (RoPE Llama and absolute-position GPT-2).
+
+The important properties: a batched, prefix-shared row gives the same greedy tokens as the same
+probe alone and as a plain one-pass HF implementation; strength interpolates; hooks never leak.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hf_reference as ref
+from conftest import active_hooks
+from pytest_patchscope import ENTITY_DESCRIPTION, TOKEN_IDENTITY, Placeholder, Probe, Substring
+from pytest_patchscope.engine import Engine, run_probes
+from pytest_patchscope.errors import ProbeConfigError
+from pytest_patchscope.scope import Patchscope
+
+SOURCES = ["The capital of France is", "Tokyo", "A much longer source prompt about the history of the Roman empire"]
+TARGETS = [
+    "The capital city of x is",
+    "cat -> cat\n1135 -> 1135\nhello -> hello\n?",
+    "Short x",
+]
+
+
+def probes_mixed(n_layers: int) -> list[Probe]:
+    """Probes over several targets of different lengths, layers and positions, incl. position 0."""
+    probes = []
+    for k, (source, target) in enumerate(zip(SOURCES * 2, TARGETS + TARGETS[::-1])):
+        layer = k % n_layers
+        probes.append(Probe(source, target, layer=layer, target_layer=(layer + 1) % n_layers, max_new_tokens=6))
+    probes.append(Probe(SOURCES[0], TARGETS[0], layer=1, target_position=0, max_new_tokens=5))
+    probes.append(Probe(SOURCES[2], TARGETS[1], layer=2, source_position=3, target_position=4, max_new_tokens=7))
+    return probes
+
+
+def run_alone(scope: Patchscope, probe: Probe):
+    return scope.run([probe])[0]
+
+
+def test_batched_rows_equal_the_same_probe_alone(tiny_model):
+    scope = Patchscope(tiny_model)
+    probes = probes_mixed(tiny_model.n_layers)
+    batched = scope.run(probes)
+    for probe, result in zip(probes, batched):
+        alone = run_alone(scope, probe)
+        assert result.tokens == alone.tokens, probe.describe()
+        assert result.clean_tokens == alone.clean_tokens
+
+
+def test_batched_rows_equal_an_independent_hf_implementation(tiny_model):
+    """Mixed prompt lengths in one batch: padding, mask and positions are right (RoPE and GPT-2)."""
+    scope = Patchscope(tiny_model)
+    probes = probes_mixed(tiny_model.n_layers)
+    results = scope.run(probes)
+    hf = tiny_model.hf
+    for result in results:
+        rp = result.resolved
+        vector = ref.source_state(hf, list(rp.source_ids), rp.source_index, rp.layer)
+        expected = ref.patched_generate(hf, list(rp.target_ids), rp.target_index, rp.target_layer, vector, rp.probe.max_new_tokens)
+        clean = ref.patched_generate(hf, list(rp.target_ids), rp.target_index, rp.target_layer, None, rp.probe.max_new_tokens)
+        assert list(result.tokens) == expected, rp.probe.describe()
+        assert list(result.clean_tokens) == clean
+    assert any(r.tokens != r.clean_tokens for r in results), "no probe changed the generation: the test is vacuous"
+
+
+def test_memory_chunking_does_not_change_results(tiny_llama):
+    probes = probes_mixed(tiny_llama.n_layers)
+    whole = Patchscope(tiny_llama).run(probes)
+    seen = []
+    chunked = Patchscope(tiny_llama, batch_memory_mb=0.5, progress=lambda done, total: seen.append((done, total))).run(probes)
+    assert [r.tokens for r in whole] == [r.tokens for r in chunked]
+    assert len(seen) > 2 and seen[-1][0] == seen[-1][1], "small memory bound should give several chunks"
+
+
+def test_strength_zero_is_clean_and_strength_interpolates(tiny_llama):
+    scope = Patchscope(tiny_llama)
+    kwargs = dict(layer=1, target_position=Placeholder("x"), max_new_tokens=6)
+    zero = scope.generate("Tokyo", "The capital city of x is", strength=0.0, **kwargs)
+    full = scope.generate("Tokyo", "The capital city of x is", strength=1.0, **kwargs)
+    half = scope.generate("Tokyo", "The capital city of x is", strength=0.5, **kwargs)
+    assert zero.tokens == zero.clean_tokens
+    assert full.tokens != full.clean_tokens
+    rp = half.resolved
+    vector = ref.source_state(tiny_llama.hf, list(rp.source_ids), rp.source_index, 1)
+    assert list(half.tokens) == ref.patched_generate(tiny_llama.hf, list(rp.target_ids), rp.target_index, 1, vector, 6, strength=0.5)
+
+
+def test_mapping_is_applied_to_the_source_state(tiny_llama):
+    scope = Patchscope(tiny_llama)
+    seen = []
+
+    def negate(h: torch.Tensor) -> torch.Tensor:
+        seen.append(h.shape)
+        return -h
+
+    mapped = scope.generate("Tokyo", "The capital city of x is", layer=2, target_position=Placeholder("x"), mapping=negate, max_new_tokens=6)
+    rp = mapped.resolved
+    vector = ref.source_state(tiny_llama.hf, list(rp.source_ids), rp.source_index, 2)
+    assert seen == [torch.Size([tiny_llama.d_model])]
+    assert list(mapped.tokens) == ref.patched_generate(tiny_llama.hf, list(rp.target_ids), rp.target_index, 2, -vector, 6)
+
+
+def test_affine_mapping_round_trips_through_a_file(tmp_path, tiny_llama):
+    from pytest_patchscope import AffineMapping
+
+    torch.manual_seed(1)
+    x = torch.randn(200, tiny_llama.d_model)
+    w, b = torch.randn(tiny_llama.d_model, tiny_llama.d_model) * 0.1, torch.randn(tiny_llama.d_model)
+    fitted = AffineMapping.fit(x, x @ w + b, name="test-affine")
+    assert torch.allclose(fitted.weight, w, atol=1e-3) and torch.allclose(fitted.bias, b, atol=1e-3)
+    fitted.save(tmp_path / "map.safetensors")
+    loaded = AffineMapping.load(tmp_path / "map.safetensors")
+    assert loaded.name == "test-affine" and torch.equal(loaded.weight, fitted.weight)
+    result = Patchscope(tiny_llama).generate("Tokyo", "Short x", layer=0, mapping=loaded, max_new_tokens=3)
+    assert result.probe.identity()["mapping"] == "test-affine"
+
+
+def test_positions_resolve_to_tokenizer_indices(tiny_llama):
+    from pytest_patchscope.probe import resolve_position
+
+    prompt = "The capital of France is in France"
+    ids, offsets = tiny_llama.tokenize_with_offsets(prompt)
+    assert ids == tiny_llama.tokenizer(prompt)["input_ids"]
+    last_france = max(k for k, (s, e) in enumerate(offsets) if prompt[s:e].strip() == "France")
+    first_france = min(k for k, (s, e) in enumerate(offsets) if prompt[s:e].strip() == "France")
+    assert resolve_position("p", -1, prompt, tiny_llama) == len(ids) - 1
+    assert resolve_position("p", "France", prompt, tiny_llama) == first_france
+    assert resolve_position("p", Substring("France", occurrence=-1), prompt, tiny_llama) == last_france
+    assert resolve_position("p", Substring("capital of", token="first"), prompt, tiny_llama) == 1
+    assert resolve_position("p", Substring("capital of"), prompt, tiny_llama) == 2
+    start = prompt.rindex("France")
+    assert resolve_position("p", (start, start + 6), prompt, tiny_llama) == last_france
+    assert resolve_position("p", Placeholder("x"), "The capital city of x is", tiny_llama) == 4
+
+
+def test_bos_convention_is_the_tokenizers_own(tiny_llama):
+    """TransformerBridge.to_tokens prepends BOS; the engine does not, so index k is the tokenizer's k-th token."""
+    prompt = "The capital of France is"
+    bridge_tokens = tiny_llama.bridge.to_tokens(prompt)[0].tolist()
+    ours = tiny_llama.tokenize(prompt)
+    assert bridge_tokens[0] == tiny_llama.tokenizer.bos_token_id and bridge_tokens[1:] == ours
+    result = Patchscope(tiny_llama).generate(prompt, "Short x", layer=1, source_position=3, max_new_tokens=3)
+    assert result.resolved.source_ids == tuple(ours) and result.resolved.source_index == 3
+    captured = Engine(tiny_llama).capture(ours, 3, [1])[1]
+    assert torch.equal(captured, ref.source_state(tiny_llama.hf, ours, 3, 1))
+
+
+def test_last_layer_state_is_pre_final_norm(tiny_llama):
+    ids = tiny_llama.tokenize("The capital of France is")
+    last = tiny_llama.n_layers - 1
+    captured = Engine(tiny_llama).capture(ids, -1, [last])[last]
+    with torch.no_grad():
+        post_norm = tiny_llama.hf(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1]
+    assert torch.equal(captured, ref.source_state(tiny_llama.hf, ids, len(ids) - 1, last))
+    assert not torch.allclose(captured, post_norm)
+
+
+def test_presets_are_data_over_the_one_operator(tiny_llama):
+    from pytest_patchscope import LOGIT_LENS, attribute_extraction
+
+    scope = Patchscope(tiny_llama)
+    ti = scope.probe("Tokyo", TOKEN_IDENTITY, layer=2)
+    assert (ti.target, ti.target_layer, ti.target_position, ti.stop) == (TOKEN_IDENTITY.target, 2, -1, ("\n",))
+    ll = scope.probe("The capital of France is", LOGIT_LENS, layer=1, source_position=3)
+    assert (ll.target, ll.target_layer, ll.target_position) == ("The capital of France is", tiny_llama.n_layers - 1, 3)
+    ed = scope.probe("Tokyo", ENTITY_DESCRIPTION, layer=0)
+    assert ed.target_position == Placeholder("x")
+    ae = scope.probe("Tokyo", attribute_extraction("The currency of x is"), layer=0)
+    assert ae.target == "The currency of x is"
+    results = scope.run([ti, ll, ed, ae])
+    assert [r.probe.preset for r in results] == ["token_identity", "logit_lens", "entity_description", ae.preset]
+
+
+def test_stop_strings_and_max_new_tokens(tiny_llama):
+    scope = Patchscope(tiny_llama)
+    long = scope.generate("Tokyo", "Short x", layer=0, max_new_tokens=12)
+    assert len(long.tokens) <= 12
+    assert len(long.text) > 1, "the tiny model should generate some text"
+    stop = long.text[len(long.text) // 2]
+    cut = scope.generate("Tokyo", "Short x", layer=0, max_new_tokens=12, stop=[stop])
+    assert stop not in cut.text and long.text.startswith(cut.text)
+
+
+def test_no_hook_is_left_after_a_probe_raises_mid_generation(tiny_llama):
+    scope = Patchscope(tiny_llama)
+    before = scope.generate("Tokyo", "Short x", layer=1, max_new_tokens=5)
+
+    calls = {"n": 0}
+
+    def exploding_decode(ids):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("boom in the middle of generation")
+        return tiny_llama.tokenizer.decode(ids)
+
+    original = tiny_llama.decode
+    tiny_llama.decode = exploding_decode
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            scope.generate("Tokyo", "Short x", layer=1, max_new_tokens=5)
+    finally:
+        tiny_llama.decode = original
+    assert active_hooks(tiny_llama) == []
+    after = scope.generate("Tokyo", "Short x", layer=1, max_new_tokens=5)
+    assert after.tokens == before.tokens and after.clean_tokens == before.clean_tokens
+
+
+def test_a_raising_mapping_leaves_no_hook(tiny_llama):
+    def broken(h):
+        raise ValueError("bad map")
+
+    with pytest.raises(ProbeConfigError, match="mapping"):
+        Patchscope(tiny_llama).generate("Tokyo", "Short x", layer=1, mapping=broken)
+    assert active_hooks(tiny_llama) == []
+
+
+def test_sweep_profile_and_grid(tiny_llama):
+    scope = Patchscope(tiny_llama)
+    target_text = scope.generate("Tokyo", "Short x", layer=0, max_new_tokens=4).text
+    expect = target_text.strip().split()[0] if target_text.strip() else "x"
+    profile = scope.sweep("Tokyo", "Short x", layers=range(4), expect=expect, max_new_tokens=4)
+    assert profile.layers == [0, 1, 2, 3] and not profile.grid
+    assert 0 in profile.hit_layers and profile.first_hit == 0
+    assert all(c.logprob is not None and c.rank is not None for c in profile.cells)
+    assert profile.peak_layer in profile.layers
+    singles = [scope.generate("Tokyo", "Short x", layer=l, max_new_tokens=4).text for l in range(4)]
+    assert [c.text for c in profile.cells] == singles
+    grid = scope.sweep("Tokyo", "Short x", layers=[0, 1], target_layers=range(3), expect=expect, max_new_tokens=3)
+    assert grid.grid and len(grid.cells) == 6
+    assert {(c.layer, c.target_layer) for c in grid.cells} == {(l, t) for l in (0, 1) for t in range(3)}
+    assert "l*" in grid.table()
