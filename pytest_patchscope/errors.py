@@ -32,3 +32,7 @@ class WeightsNotInstalledError(ModelLoadError):
 
 class BaselineError(PatchscopeError):
     """A baseline file is corrupt, foreign, or cannot be written."""
+
+
+class ReportError(PatchscopeError):
+    """A report cannot be written, or an optional dependency it needs is missing."""

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .baseline import Comparison, atomic_write, best_cells_by_layer, hit_mark, side_by_side
-from .errors import PatchscopeError
+from .errors import ReportError
 from .profile import LocalizationProfile
 
 RECORDED = "recorded"
@@ -25,10 +25,6 @@ RECORDED = "recorded"
 STATUS_ORDER = ("unchanged", "regressed", "improved", "new", RECORDED)
 REPORT_FORMAT = "pytest-patchscope-report"
 REPORT_VERSION = 1
-
-
-class ReportError(PatchscopeError):
-    """A report cannot be written, or an optional dependency it needs is missing."""
 
 
 @dataclass(frozen=True)

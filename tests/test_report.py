@@ -10,9 +10,9 @@ import sys
 import pytest
 
 from pytest_patchscope.baseline import Tolerances, compare_profiles
+from pytest_patchscope.errors import ReportError
 from pytest_patchscope.profile import LayerCell, LocalizationProfile
 from pytest_patchscope.report import (
-    ReportError,
     SessionSummary,
     heatmap_filename,
     junit_properties,
