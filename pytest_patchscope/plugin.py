@@ -14,7 +14,10 @@ import pytest
 
 pytest.register_assert_rewrite("pytest_patchscope.assertions")
 
-from .errors import PatchscopeError  # noqa: E402
+from .errors import PatchscopeError, ProbeConfigError  # noqa: E402
+
+# The localization gate (baseline, comparison, reports, xdist merge) is its own plugin module.
+pytest_plugins = ["pytest_patchscope.gate"]
 
 if TYPE_CHECKING:
     from .models import PatchscopeModel
@@ -211,7 +214,25 @@ class PytestPatchscope:
         return self.current.run(*args, **kwargs)
 
     def sweep(self, *args: Any, **kwargs: Any) -> Any:
-        return self.current.sweep(*args, **kwargs)
+        """Patchscope.sweep; with --patchscope-compare-model it also runs on the reference model."""
+        from .gate import gate_of
+
+        profile = self.current.sweep(*args, **kwargs)
+        gate = gate_of(self._session.config)
+        if gate.compare_spec is not None:
+            gate.remember_reference(profile, self._session.scope(gate.compare_spec).sweep(*args, **kwargs))
+        return profile
+
+    def record(self, profile: Any, key: str | None = None, **tolerances: Any) -> Any:
+        """Record a LocalizationProfile against a stable key, compare it with the baseline (or the
+        reference model) under the tolerances, and fail this test on a regression."""
+        __tracebackhide__ = True
+        from .gate import gate_of
+
+        item = self._session.current_item
+        if item is None:
+            raise ProbeConfigError("record", profile, "called from inside a running test")
+        return gate_of(self._session.config).record(item, profile, key, tolerances)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,245 @@
+"""The knowledge-localization gate: record profiles, compare them, merge xdist workers, report.
+
+`patchscope.record(profile)` compares a sweep's LocalizationProfile with its baseline entry (or
+with the same sweep on `--patchscope-compare-model`), fails the test on a regression, and adds it
+to the session summary. Only the controller writes the baseline and the reports.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from .baseline import BaselineFile, Tolerances, compare_profiles, profile_key, write_baseline
+from .errors import PatchscopeError, ProbeConfigError
+from .report import (
+    SessionSummary,
+    junit_properties,
+    render_terminal_summary,
+    write_heatmaps,
+    write_json_report,
+    write_markdown_report,
+)
+
+if TYPE_CHECKING:
+    from .profile import LocalizationProfile
+
+TOLERANCE_MARKER = "patchscope_tolerance"
+WORKEROUTPUT_KEY = "patchscope_summary"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("patchscope")
+    group.addoption("--patchscope-baseline", dest="patchscope_baseline", metavar="PATH", default=None,
+                    help="Baseline file of localization profiles to compare against. [ini: patchscope_baseline]")
+    parser.addini("patchscope_baseline", help="Baseline file of localization profiles to compare against.")
+    group.addoption("--patchscope-update-baseline", action="store_true", default=False,
+                    help="Write this run's recorded profiles into the baseline instead of failing on changes.")
+    group.addoption("--patchscope-compare-model", dest="patchscope_compare_model", metavar="REF", default=None,
+                    help="Reference checkpoint: run every recorded sweep on it too and compare (no baseline file). "
+                    "[ini: patchscope_compare_model]")
+    parser.addini("patchscope_compare_model", help="Reference checkpoint to compare every recorded sweep against.")
+    parser.addini("patchscope_tolerances", type="args",
+                  help="Global comparison tolerances, e.g. max_first_hit_shift=2 max_score_drop=2.0.")
+    group.addoption("--patchscope-report", dest="patchscope_report", metavar="PATH.json", default=None,
+                    help="Write a machine-readable JSON report of the localization results.")
+    group.addoption("--patchscope-report-md", dest="patchscope_report_md", metavar="PATH", default=None,
+                    help="Write a Markdown summary (for a CI job summary).")
+    group.addoption("--patchscope-heatmap", dest="patchscope_heatmap", metavar="DIR", default=None,
+                    help="Write a PNG heatmap per recorded sweep into DIR (needs matplotlib).")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{TOLERANCE_MARKER}(**tolerances): per-test comparison tolerances, e.g. max_first_hit_shift=4.",
+    )
+    try:
+        gate = Gate(config)
+    except PatchscopeError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.stash[GATE_KEY] = gate
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(XdistMerge(gate), "patchscope-xdist-merge")
+
+
+def _parse_tolerances(raw: list[str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for item in raw:
+        name, sep, text = item.partition("=")
+        if not sep:
+            raise ProbeConfigError("patchscope_tolerances", item, "name=value pairs, e.g. max_first_hit_shift=2")
+        try:
+            values[name] = int(text)
+        except ValueError:
+            try:
+                values[name] = float(text)
+            except ValueError:
+                raise ProbeConfigError(f"patchscope_tolerances {name}", text, "a number") from None
+    return values
+
+
+def _ini_path(config: pytest.Config, option: str) -> Path | None:
+    raw = config.getoption(option, None)
+    if raw:
+        return Path(raw).expanduser().absolute()
+    raw = config.getini(option)
+    return (config.rootpath / raw).absolute() if raw else None
+
+
+class Gate:
+    """Per-process gate state: the baseline, tolerances, this process's records."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.update = bool(config.getoption("patchscope_update_baseline", False))
+        self.baseline_path = _ini_path(config, "patchscope_baseline")
+        compare = config.getoption("patchscope_compare_model", None) or config.getini("patchscope_compare_model")
+        self.compare_spec: str | None = None
+        if compare:
+            self.compare_spec = compare if compare == "default" else str(Path(compare).expanduser().absolute())
+        if self.update and self.baseline_path is None:
+            raise ProbeConfigError(
+                "--patchscope-update-baseline", True, "used together with --patchscope-baseline PATH "
+                "(or the ini key patchscope_baseline)",
+            )
+        self.baseline = BaselineFile.read(self.baseline_path) if self.baseline_path else None
+        self.tolerances = Tolerances().merged(**_parse_tolerances(config.getini("patchscope_tolerances")))
+        self.summary = SessionSummary()
+        self.keys_seen: dict[str, str] = {}
+        self.reference_profiles: dict[int, tuple["LocalizationProfile", "LocalizationProfile"]] = {}
+        self.dead_workers: dict[str, list[str]] = {}
+        self.nodeids_by_worker: dict[str, list[str]] = {}
+        self.worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+        self.finish_errors: list[str] = []
+
+    @property
+    def active(self) -> bool:
+        return self.baseline_path is not None or self.compare_spec is not None
+
+    def remember_reference(self, current: "LocalizationProfile", reference: "LocalizationProfile") -> None:
+        """Keep the reference model's profile of a sweep until the test records it."""
+        self.reference_profiles[id(current)] = (current, reference)
+
+    def take_reference(self, profile: "LocalizationProfile") -> "LocalizationProfile":
+        pair = self.reference_profiles.pop(id(profile), None)
+        if pair is None or pair[0] is not profile:
+            raise ProbeConfigError(
+                "profile", profile.describe(), "a profile returned by patchscope.sweep() in this test",
+                "With --patchscope-compare-model, record() compares the sweep it ran on both models.",
+            )
+        return pair[1]
+
+    def record(self, item: pytest.Item, profile: "LocalizationProfile", key: str | None, tolerances: dict[str, Any]) -> Any:
+        """Compare `profile` with its baseline (or reference) entry; fail the test on a regression."""
+        __tracebackhide__ = True
+        if key is None:
+            path = Path(str(item.path)).resolve().relative_to(self.config.rootpath.resolve()).as_posix()
+            key = profile_key(path, item.name, profile.probe)
+        elif not isinstance(key, str) or not key.strip():
+            raise ProbeConfigError("key", key, "None (derived from the test) or a non-empty string")
+        if key in self.keys_seen:
+            raise ProbeConfigError(
+                "key", key, f"unique within a session; {self.keys_seen[key]} already recorded it",
+                "Pass key=... to record() to tell the two profiles apart.",
+            )
+        self.keys_seen[key] = item.nodeid
+        marker = item.get_closest_marker(TOLERANCE_MARKER)
+        tol = self.tolerances.merged(**(marker.kwargs if marker else {}), **tolerances)
+        if self.compare_spec is not None:
+            baseline = self.take_reference(profile)
+        else:
+            baseline = self.baseline.get(key) if self.baseline is not None else None
+        outcome = compare_profiles(baseline, profile, tol) if self.active else profile
+        self.summary.add(key, outcome, item.nodeid, self.worker)
+        for name, value in junit_properties(outcome):
+            item.user_properties.append((name, value))
+        if getattr(outcome, "regressed", False) and not self.update:
+            pytest.fail(outcome.render(), pytrace=False)
+        return outcome
+
+    # ---- end of session (controller only) --------------------------------------------------
+    def finish(self) -> list[str]:
+        """Write the baseline (update mode) and the reports; returns error lines to show."""
+        errors = []
+        if self.update and self.baseline_path is not None and self.summary.records:
+            try:
+                write_baseline(self.baseline_path, self.summary.profiles())
+            except PatchscopeError as exc:
+                errors.append(str(exc))
+        writers = [
+            ("patchscope_report", write_json_report),
+            ("patchscope_report_md", write_markdown_report),
+            ("patchscope_heatmap", write_heatmaps),
+        ]
+        for option, writer in writers:
+            target = self.config.getoption(option, None)
+            if target:
+                try:
+                    writer(Path(target), self.summary)
+                except PatchscopeError as exc:
+                    errors.append(str(exc))
+        return errors
+
+
+GATE_KEY = pytest.StashKey[Gate]()
+
+
+def gate_of(config: pytest.Config) -> Gate:
+    return config.stash[GATE_KEY]
+
+
+def _is_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    gate = gate_of(session.config)
+    if _is_worker(session.config):
+        session.config.workeroutput[WORKEROUTPUT_KEY] = gate.summary.to_dict()  # type: ignore[attr-defined]
+        return
+    gate.finish_errors = gate.finish()
+    if gate.finish_errors and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    if _is_worker(config):
+        return
+    gate = gate_of(config)
+    lines = render_terminal_summary(gate.summary)
+    errors = gate.finish_errors
+    if not lines and not errors and not gate.dead_workers:
+        return
+    terminalreporter.write_sep("-", "knowledge localization")
+    for line in lines:
+        terminalreporter.write_line(line)
+    if gate.update and gate.baseline_path is not None and gate.summary.records and not errors:
+        terminalreporter.write_line(f"baseline written: {gate.baseline_path} ({len(gate.summary.records)} probes)")
+    for worker, nodeids in sorted(gate.dead_workers.items()):
+        terminalreporter.write_line(f"worker {worker} crashed; its probes have no result: " + (", ".join(nodeids) or "unknown"), red=True)
+    for error in errors:
+        terminalreporter.write_line(f"error: {error}", red=True)
+
+
+class XdistMerge:
+    """Controller-side xdist hooks, registered only when xdist is active."""
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        node = getattr(report, "node", None)
+        if node is not None and report.when == "call":
+            self.gate.nodeids_by_worker.setdefault(node.gateway.id, []).append(report.nodeid)
+
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        payload = getattr(node, "workeroutput", {}).get(WORKEROUTPUT_KEY)
+        if payload is not None:
+            self.gate.summary.merge(payload)
+        else:
+            worker = node.gateway.id
+            self.gate.dead_workers[worker] = sorted(self.gate.nodeids_by_worker.get(worker, []))
