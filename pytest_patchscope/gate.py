@@ -12,7 +12,15 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .baseline import BaselineFile, Tolerances, compare_profiles, profile_key, write_baseline
+from .baseline import (
+    BaselineFile,
+    Tolerances,
+    compare_profiles,
+    deserialize_profile,
+    profile_key,
+    serialize_profile,
+    write_baseline,
+)
 from .errors import PatchscopeError, ProbeConfigError
 from .report import (
     SessionSummary,
@@ -28,6 +36,11 @@ if TYPE_CHECKING:
 
 TOLERANCE_MARKER = "patchscope_tolerance"
 WORKEROUTPUT_KEY = "patchscope_summary"
+SETUP_OUTPUT_KEY = "patchscope_setup"
+"""workeroutput key: the worker's WorkerSetup.summary() line (written by plugin.py)."""
+BASELINE_INPUT_KEY = "patchscope_baseline_entries"
+"""workerinput key: the controller's baseline entries, so every worker (on any host) compares
+against the same baseline, even where the baseline path does not exist or differs on its host."""
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -105,12 +118,18 @@ class Gate:
                 "--patchscope-update-baseline", True, "used together with --patchscope-baseline PATH "
                 "(or the ini key patchscope_baseline)",
             )
-        self.baseline = BaselineFile.read(self.baseline_path) if self.baseline_path else None
+        shipped = getattr(config, "workerinput", {}).get(BASELINE_INPUT_KEY)
+        if shipped is not None:
+            entries = {key: deserialize_profile(entry) for key, entry in shipped.items()}
+            self.baseline: BaselineFile | None = BaselineFile(Path(self.baseline_path or ""), entries)
+        else:
+            self.baseline = BaselineFile.read(self.baseline_path) if self.baseline_path else None
         self.tolerances = Tolerances().merged(**_parse_tolerances(config.getini("patchscope_tolerances")))
         self.summary = SessionSummary()
         self.keys_seen: dict[str, str] = {}
         self.reference_profiles: dict[int, tuple["LocalizationProfile", "LocalizationProfile"]] = {}
         self.dead_workers: dict[str, list[str]] = {}
+        self.worker_setups: dict[str, str] = {}
         self.nodeids_by_worker: dict[str, list[str]] = {}
         self.worker = os.environ.get("PYTEST_XDIST_WORKER", "")
         self.finish_errors: list[str] = []
@@ -163,8 +182,15 @@ class Gate:
     # ---- end of session (controller only) --------------------------------------------------
     def finish(self) -> list[str]:
         """Write the baseline (update mode) and the reports; returns error lines to show."""
-        errors = []
-        if self.update and self.baseline_path is not None and self.summary.records:
+        # Within one process record() refuses a key used twice; across xdist workers only here.
+        errors = [
+            str(ProbeConfigError(
+                "key", key, f"unique within a session; {', '.join(nodeids)} all recorded it",
+                "Pass key=... to record() to tell the profiles apart.",
+            ))
+            for key, nodeids in _duplicate_keys(self.summary).items()
+        ]
+        if self.update and self.baseline_path is not None and self.summary.records and not errors:
             try:
                 write_baseline(self.baseline_path, self.summary.profiles())
             except PatchscopeError as exc:
@@ -182,6 +208,13 @@ class Gate:
                 except PatchscopeError as exc:
                     errors.append(str(exc))
         return errors
+
+
+def _duplicate_keys(summary: SessionSummary) -> dict[str, list[str]]:
+    nodeids: dict[str, list[str]] = {}
+    for record in summary.records:
+        nodeids.setdefault(record.key, []).append(record.nodeid)
+    return {key: tests for key, tests in nodeids.items() if len(tests) > 1}
 
 
 GATE_KEY = pytest.StashKey[Gate]()
@@ -210,6 +243,10 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     if _is_worker(config):
         return
     gate = gate_of(config)
+    if gate.worker_setups:
+        terminalreporter.write_sep("-", "patchscope workers")
+        for worker, line in sorted(gate.worker_setups.items(), key=lambda item: (len(item[0]), item[0])):
+            terminalreporter.write_line(line)
     lines = render_terminal_summary(gate.summary)
     errors = gate.finish_errors
     if not lines and not errors and not gate.dead_workers:
@@ -220,7 +257,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     if gate.update and gate.baseline_path is not None and gate.summary.records and not errors:
         terminalreporter.write_line(f"baseline written: {gate.baseline_path} ({len(gate.summary.records)} probes)")
     for worker, nodeids in sorted(gate.dead_workers.items()):
-        terminalreporter.write_line(f"worker {worker} crashed; its probes have no result: " + (", ".join(nodeids) or "unknown"), red=True)
+        terminalreporter.write_line(f"worker {worker} crashed; its probes have no result: " + (", ".join(sorted(nodeids)) or "unknown"), red=True)
     for error in errors:
         terminalreporter.write_line(f"error: {error}", red=True)
 
@@ -231,15 +268,26 @@ class XdistMerge:
     def __init__(self, gate: Gate) -> None:
         self.gate = gate
 
+    def pytest_configure_node(self, node: Any) -> None:
+        if self.gate.baseline is not None:
+            node.workerinput[BASELINE_INPUT_KEY] = {
+                key: serialize_profile(profile) for key, profile in self.gate.baseline.entries.items()
+            }
+
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         node = getattr(report, "node", None)
-        if node is not None and report.when == "call":
+        # "???": the report xdist makes for the test a worker crashed in (sent after testnodedown).
+        if node is not None and report.when in ("call", "???"):
             self.gate.nodeids_by_worker.setdefault(node.gateway.id, []).append(report.nodeid)
 
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
-        payload = getattr(node, "workeroutput", {}).get(WORKEROUTPUT_KEY)
+        output = getattr(node, "workeroutput", {})
+        worker = node.gateway.id
+        if output.get(SETUP_OUTPUT_KEY):
+            self.gate.worker_setups[worker] = output[SETUP_OUTPUT_KEY]
+        payload = output.get(WORKEROUTPUT_KEY)
         if payload is not None:
             self.gate.summary.merge(payload)
         else:
-            worker = node.gateway.id
-            self.gate.dead_workers[worker] = sorted(self.gate.nodeids_by_worker.get(worker, []))
+            # The same list object: xdist reports the crashed test only after this hook.
+            self.gate.dead_workers[worker] = self.gate.nodeids_by_worker.setdefault(worker, [])

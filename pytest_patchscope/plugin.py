@@ -161,6 +161,16 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         session.current_item = None
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """On an xdist worker that loaded a model: send its device line for the controller's summary."""
+    from .gate import SETUP_OUTPUT_KEY
+
+    patchscope = _session(session.config)
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None and len(patchscope.models):
+        workeroutput[SETUP_OUTPUT_KEY] = patchscope.setup.summary()
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker(GPU_MARKER) is not None:
         import torch

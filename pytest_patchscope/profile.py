@@ -95,8 +95,8 @@ class LocalizationProfile:
         p = self.probe
         target = p.get("preset") or p.get("target")
         return (
-            f"S={p.get('source')!r} i={p.get('source_position')!r} -> "
-            f"T={target!r} i*={p.get('target_position')!r}"
+            f"S={p.get('source')!r} i={p.get('source_position')} -> "
+            f"T={target!r} i*={p.get('target_position')}"
             + (f", expect={self.expect!r}" if self.expect is not None else "")
         )
 

@@ -65,3 +65,18 @@ def patched_generate(model, target_ids, target_index, target_layer, vector, max_
     if eos is not None and eos in new:
         new = new[: new.index(eos)]
     return new
+
+
+def patched_next_token_logits(model, target_ids, target_index, target_layer, vector):
+    """Logits at the last position of one forward of the target with h[target_layer][target_index] := vector."""
+
+    def hook(module, args, output):
+        _hidden(output)[:, target_index] = vector
+        return output
+
+    handle = decoder_layers(model)[target_layer].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            return model(torch.tensor([target_ids])).logits[0, -1]
+    finally:
+        handle.remove()
