@@ -134,3 +134,17 @@ def test_pickle_checkpoint_is_refused_unless_weights_only(tmp_path, tiny_llama_d
 
 def test_all_project_errors_share_one_base():
     assert issubclass(ProbeConfigError, PatchscopeError) and issubclass(ModelLoadError, PatchscopeError)
+
+
+def test_sharded_safetensors_directory_loads(tmp_path, tokenizer):
+    from conftest import tiny_hf_model
+
+    model = tiny_hf_model("llama", len(tokenizer))
+    model.save_pretrained(tmp_path, max_shard_size="2MB")
+    tokenizer.save_pretrained(tmp_path)
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    loaded = load_model(tmp_path)
+    assert loaded.n_layers == 4 and len(loaded.weights_hash) == 64
+    ids = torch.tensor([loaded.tokenize("The capital of France is")])
+    with torch.no_grad():
+        assert torch.equal(loaded.hf(ids).logits, model(ids).logits)

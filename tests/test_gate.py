@@ -78,10 +78,13 @@ def test_a_damaged_checkpoint_fails_with_a_readable_report(pytester, tiny_llama_
     baseline = pytester.path / "loc.json"
     run(pytester, tiny_llama_dir, f"--patchscope-baseline={baseline}", "--patchscope-update-baseline").assert_outcomes(passed=2)
     report, markdown, junit = pytester.path / "r.json", pytester.path / "r.md", pytester.path / "junit.xml"
+    heatmaps = pytester.path / "heatmaps"
     result = run(
-        pytester, damaged_dir, f"--patchscope-baseline={baseline}",
+        pytester, damaged_dir, f"--patchscope-baseline={baseline}", f"--patchscope-heatmap={heatmaps}",
         f"--patchscope-report={report}", f"--patchscope-report-md={markdown}", f"--junitxml={junit}",
     )
+    pngs = sorted(heatmaps.glob("*.png"))
+    assert len(pngs) == 2 and all(p.read_bytes().startswith(b"\x89PNG") for p in pngs)
     outcomes = result.parseoutcomes()
     assert outcomes.get("failed", 0) >= 1
     result.stdout.fnmatch_lines(["*regressed*", "*knowledge localization*"])
