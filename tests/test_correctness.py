@@ -45,3 +45,20 @@ def test_known_facts_of_the_default_model(default_scope):
     assert "Paris" in paris.text and "Paris" not in paris.clean_text
     tokyo = default_scope.generate("Japan", attribute_extraction(), layer=0)
     assert "Tokyo" in tokyo.text and "Tokyo" not in tokyo.clean_text
+
+
+def test_batched_sweep_rows_equal_each_probe_alone(default_scope):
+    """The example suites' probes over several layers: one batched job == one probe at a time."""
+    scope = default_scope
+    capital_city = attribute_extraction()
+    probes = [scope.probe(f"The capital of {c} is", TOKEN_IDENTITY, layer=l, max_new_tokens=6) for c in ("France", "Japan") for l in (20, 23, 27)]
+    probes += [scope.probe(f"Country: {c}", capital_city, layer=l, max_new_tokens=6) for c in ("Italy", "Germany") for l in (0, 5, 10)]
+    probes += [scope.probe("Albert Einstein", ENTITY_DESCRIPTION, layer=l, max_new_tokens=6) for l in (0, 4)]
+    probes += [scope.probe("The weather today is", TOKEN_IDENTITY, layer=26, max_new_tokens=6)]
+    batched = scope.run(probes)
+    for probe, result in zip(probes, batched):
+        alone = scope.run([probe])[0]
+        assert result.tokens == alone.tokens, probe.describe()
+        assert result.clean_tokens == alone.clean_tokens
+    profile = scope.sweep("The capital of France is", TOKEN_IDENTITY, layers=range(21, 25), expect="Paris", max_new_tokens=6)
+    assert [c.text for c in profile.cells] == [scope.generate("The capital of France is", TOKEN_IDENTITY, layer=l, max_new_tokens=6).text for l in range(21, 25)]
