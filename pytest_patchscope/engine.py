@@ -258,7 +258,7 @@ class Engine:
                 row_scores[token] = (float(value), int((logprobs[r] > value).sum()))
             scores.append(row_scores)
         tokens: list[list[int]] = [[] for _ in range(n)]
-        texts = [""] * n
+        stopped_text: dict[int, str] = {}  # rows cut at a stop string
         active = list(range(n))  # original row index of each batch slot
         budget = max(row.max_new_tokens for row in rows)
         for step in range(budget):
@@ -270,11 +270,11 @@ class Engine:
                 finished = token in model.eos_token_ids
                 if not finished:
                     tokens[r].append(token)
-                    text = model.decode(tokens[r])
-                    cut = min((text.find(s) for s in row.stop if s in text), default=-1)
-                    if cut >= 0:
-                        text, finished = text[:cut], True
-                    texts[r] = text
+                    if row.stop:  # decode only rows that can stop on text
+                        text = model.decode(tokens[r])
+                        cut = min((text.find(s) for s in row.stop if s in text), default=-1)
+                        if cut >= 0:
+                            stopped_text[r], finished = text[:cut], True
                     finished = finished or len(tokens[r]) >= row.max_new_tokens
                 if not finished:
                     keep.append(slot)
@@ -299,7 +299,10 @@ class Engine:
                 logits_to_keep=1,
             )
             logits, cache = out.logits[:, -1], out.past_key_values
-        return [_RowOutput(tokens[r], texts[r], scores[r]) for r in range(n)]
+        return [
+            _RowOutput(tokens[r], stopped_text[r] if r in stopped_text else model.decode(tokens[r]), scores[r])
+            for r in range(n)
+        ]
 
 
 def _empty_like(prefixes: dict[tuple[int, ...], Any], layer_idx: int) -> tuple["torch.Tensor", "torch.Tensor"]:

@@ -182,27 +182,27 @@ def test_stop_strings_and_max_new_tokens(tiny_llama):
     assert stop not in cut.text and long.text.startswith(cut.text)
 
 
-def test_no_hook_is_left_after_a_probe_raises_mid_generation(tiny_llama):
+@pytest.mark.parametrize("fail_at_call", [3, 5], ids=["in-the-patched-pass", "while-decoding"])
+def test_no_hook_is_left_after_a_probe_raises_mid_generation(tiny_llama, fail_at_call):
+    """Forward calls: 1 source capture, 2 shared prefix, 3 patched suffix (hooks on), 4+ decoding."""
     scope = Patchscope(tiny_llama)
-    before = scope.generate("Tokyo", "Short x", layer=1, max_new_tokens=5)
-
+    before = scope.generate("Tokyo", "The capital city of x is", layer=1, target_position=Placeholder("x"), max_new_tokens=5)
     calls = {"n": 0}
 
-    def exploding_decode(ids):
+    def explode(module, args, output):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == fail_at_call:
             raise RuntimeError("boom in the middle of generation")
-        return tiny_llama.tokenizer.decode(ids)
 
-    original = tiny_llama.decode
-    tiny_llama.decode = exploding_decode
+    handle = tiny_llama.hf.model.norm.register_forward_hook(explode)
     try:
         with pytest.raises(RuntimeError, match="boom"):
-            scope.generate("Tokyo", "Short x", layer=1, max_new_tokens=5)
+            scope.generate("Tokyo", "The capital city of x is", layer=1, target_position=Placeholder("x"), max_new_tokens=5)
     finally:
-        tiny_llama.decode = original
+        handle.remove()
+    assert calls["n"] == fail_at_call
     assert active_hooks(tiny_llama) == []
-    after = scope.generate("Tokyo", "Short x", layer=1, max_new_tokens=5)
+    after = scope.generate("Tokyo", "The capital city of x is", layer=1, target_position=Placeholder("x"), max_new_tokens=5)
     assert after.tokens == before.tokens and after.clean_tokens == before.clean_tokens
 
 
