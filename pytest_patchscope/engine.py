@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .models import PatchscopeModel
 
 ProgressCallback = Callable[[int, int], None]
-DEFAULT_BATCH_MEMORY_MB = 2048
+DEFAULT_BATCH_MEMORY_MB = 512
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,7 @@ class Engine:
             if not prefix or prefix in caches:
                 continue
             ids = torch.tensor([list(prefix)], device=self.model.device)
-            out = self.model.hf(input_ids=ids, use_cache=True, logits_to_keep=1)
+            out = self.model.plain(input_ids=ids, use_cache=True, logits_to_keep=1)
             caches[prefix] = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         return caches
 
@@ -217,7 +217,9 @@ class Engine:
                     use_cache=True,
                     logits_to_keep=1,
                 )
-            return self._decode(rows, out.logits[:, -1].float(), out.past_key_values, valid, suffix_pos[:, -1])
+            logits, cache = out.logits[:, -1].float(), out.past_key_values
+            del out
+            return self._decode(rows, logits, cache, valid, suffix_pos[:, -1])
 
     def _patch_hooks(self, rows: list[_Row], patch_col: list[int]) -> list[tuple[str, Callable[..., Any]]]:
         """One hook per patched layer: h <- (1 - s) * h + s * f(h_src) at each row's i*."""
@@ -249,13 +251,14 @@ class Engine:
         model, device = self.model, self.model.device
         dtype = next(model.hf.parameters()).dtype
         n = len(rows)
-        logprobs = torch.log_softmax(logits, dim=-1)
         scores: list[dict[int, tuple[float, int]]] = []
         for r, row in enumerate(rows):
             row_scores = {}
-            for token in row.score_ids:
-                value = logprobs[r, token]
-                row_scores[token] = (float(value), int((logprobs[r] > value).sum()))
+            if row.score_ids:
+                logprobs = torch.log_softmax(logits[r], dim=-1)
+                for token in row.score_ids:
+                    value = logprobs[token]
+                    row_scores[token] = (float(value), int((logprobs > value).sum()))
             scores.append(row_scores)
         tokens: list[list[int]] = [[] for _ in range(n)]
         stopped_text: dict[int, str] = {}  # rows cut at a stop string
@@ -290,7 +293,7 @@ class Engine:
                 break
             valid = torch.cat([valid, torch.ones(len(active), 1, dtype=torch.bool, device=device)], dim=1)
             last_pos = last_pos + 1
-            out = model.hf(
+            out = model.plain(
                 input_ids=torch.tensor(next_tokens, device=device)[:, None],
                 attention_mask=_float_mask(valid[:, None, :], dtype),
                 position_ids=last_pos[:, None],
@@ -311,20 +314,30 @@ def _empty_like(prefixes: dict[tuple[int, ...], Any], layer_idx: int) -> tuple["
     return k[..., :0, :], v[..., :0, :]
 
 
+SourceStates = dict[tuple[tuple[int, ...], int], dict[int, Any]]
+"""Hidden states already at hand: (source ids, source index) -> {layer: (d_model,) tensor}."""
+
+
 def build_rows(
-    engine: Engine, resolved: Sequence[ResolvedProbe], score_ids: Sequence[tuple[int, ...]] | None = None
+    engine: Engine,
+    resolved: Sequence[ResolvedProbe],
+    score_ids: Sequence[tuple[int, ...]] | None = None,
+    source_states: SourceStates | None = None,
 ) -> tuple[list[_Row], list[int], list[int]]:
     """Rows for the patched probes plus one clean row per distinct (target, budget, stop).
 
+    Source states not given in `source_states` are captured (one pass per source prompt).
     Returns (rows, patched_row_of_probe, clean_row_of_probe).
     """
     model = engine.model
-    source_states: dict[tuple[tuple[int, ...], int], dict[int, Any]] = {}
+    states: SourceStates = {key: dict(value) for key, value in (source_states or {}).items()}
     needed: dict[tuple[tuple[int, ...], int], set[int]] = {}
     for rp in resolved:
         needed.setdefault((rp.source_ids, rp.source_index), set()).add(rp.layer)
     for (ids, index), layers in needed.items():
-        source_states[(ids, index)] = engine.capture(ids, index, layers)
+        missing = layers - states.get((ids, index), {}).keys()
+        if missing:
+            states.setdefault((ids, index), {}).update(engine.capture(ids, index, missing))
 
     # A clean row shares the prefix of the probes on the same target (the smallest split).
     split_of_target: dict[tuple[int, ...], int] = {}
@@ -336,7 +349,7 @@ def build_rows(
     patched_rows, clean_rows = [], []
     clean_index: dict[tuple[Any, ...], int] = {}
     for k, rp in enumerate(resolved):
-        vector = apply_mapping(rp.probe.mapping, source_states[(rp.source_ids, rp.source_index)][rp.layer], model.d_model)
+        vector = apply_mapping(rp.probe.mapping, states[(rp.source_ids, rp.source_index)][rp.layer], model.d_model)
         scores = tuple(score_ids[k]) if score_ids else ()
         rows.append(
             _Row(
@@ -371,6 +384,7 @@ def run_probes(
     probes: Sequence[Probe],
     *,
     score_ids: Sequence[tuple[int, ...]] | None = None,
+    source_states: SourceStates | None = None,
     progress: ProgressCallback | None = None,
 ) -> list[PatchResult]:
     """Resolve, validate and run `probes` as one batched job; results come back in order.
@@ -382,7 +396,7 @@ def run_probes(
 
     resolved = [resolve_probe(p, engine.model) for p in probes]
     with torch.no_grad():
-        rows, patched, clean = build_rows(engine, resolved, score_ids)
+        rows, patched, clean = build_rows(engine, resolved, score_ids, source_states)
         outputs = engine.run_rows(rows, progress)
     return [
         PatchResult(

@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
-from .engine import DEFAULT_BATCH_MEMORY_MB, Engine, run_probes
+from .engine import DEFAULT_BATCH_MEMORY_MB, run_probes
 from .errors import PatchscopeError, ProbeConfigError, ReportError
 from .presets import TOKEN_IDENTITY
 
@@ -280,23 +280,6 @@ def capture_states(
     return out, (predictions if last_only else torch.zeros(0, 2))
 
 
-class _SourceStatesEngine(Engine):
-    """The engine, with the probes' source states served from a batched capture at the same hook
-    points (Engine.capture would run every source prompt once more, one at a time). Patching,
-    batching and decoding are the engine's own."""
-
-    def __init__(self, model: "PatchscopeModel", states: dict[tuple[tuple[int, ...], int], dict[int, Any]], **kwargs: Any) -> None:
-        super().__init__(model, **kwargs)
-        self.states = states
-
-    def capture(self, prompt_ids: Sequence[int], index: int, layers: Iterable[int]) -> dict[int, Any]:
-        wanted = set(layers)
-        known = self.states.get((tuple(prompt_ids), index))
-        if known is not None and wanted <= known.keys():
-            return {layer: known[layer] for layer in wanted}
-        return super().capture(prompt_ids, index, layers)
-
-
 def lens_logits(model: "PatchscopeModel", hidden: "torch.Tensor") -> "torch.Tensor":
     """Final norm then unembedding (the model's own modules, via the bridge) of (n, d) states."""
     import torch
@@ -404,8 +387,9 @@ class NextTokenReport:
             f"# Next-token Precision@1 by layer: {self.model}",
             "",
             f"Patchscopes paper §4.1 / Fig. 2. {self.n} evaluation samples ({self.min_tokens}-{self.max_tokens}-token "
-            f"windows of {self.corpus}, seed {self.seed}); affine maps fitted on {self.n_train} other prompts "
-            f"({self.n_train_pairs} positions). Precision@1: the method's top token equals the model's own "
+            f"windows of {self.corpus}, seed {self.seed}); "
+            + (f"affine maps fitted on {self.n_train} other prompts ({self.n_train_pairs} positions). " if self.n_train else "no affine maps. ")
+            + f"Precision@1: the method's top token equals the model's own "
             f"next-token prediction; surprisal: mean -log p (nats) of that prediction under the method "
             f"(the model itself: {self.model_surprisal:.3f}). Standard error of a Precision@1 <= {se:.3f}.",
             "",
@@ -469,6 +453,17 @@ def parse_layers(spec: str | Iterable[int] | None, n_layers: int) -> list[int]:
     return sorted(set(values))
 
 
+def describe_layers(layers: Sequence[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2,5,7-8'."""
+    parts: list[list[int]] = []
+    for layer in sorted(layers):
+        if parts and parts[-1][1] == layer - 1:
+            parts[-1][1] = layer
+        else:
+            parts.append([layer, layer])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in parts)
+
+
 def evaluate_nexttoken(
     scope: "Patchscope",
     documents: Sequence[str] | None = None,
@@ -498,11 +493,11 @@ def evaluate_nexttoken(
     model = scope.model
     L = model.n_layers
     chosen = parse_layers(layers, L)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ProbeConfigError("n", n, "an int >= 1")
     n_train = n if n_train is None else n_train
     if isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 0:
         raise ProbeConfigError("n_train", n_train, "an int >= 0 (0 skips the affine maps)")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ProbeConfigError("n", n, "an int >= 1")
     if documents is None:
         documents = default_corpus()
         corpus_name = corpus_name or "pydoc_data.topics"
@@ -520,7 +515,7 @@ def evaluate_nexttoken(
     samples = sample_windows(model, documents, n, seed=seed, min_tokens=min_tokens, max_tokens=max_tokens, pool=eval_docs, salt="eval")
     train = sample_windows(model, documents, n_train, seed=seed, min_tokens=min_tokens, max_tokens=max_tokens, pool=train_docs, salt="train")
     lap("sample")
-    log(f"{len(samples)} evaluation and {len(train)} training prompts from {corpus_name}; layers {chosen[0]}-{chosen[-1]} of {L}")
+    log(f"{len(samples)} evaluation and {len(train)} training prompts from {corpus_name}; layers {describe_layers(chosen)} of 0-{L - 1}")
 
     # 1. the model's own predictions, and h_l at each sample's last position
     states, predicted = capture_states(model, [s.ids for s in samples], sorted(set(chosen) | {L - 1}))
@@ -529,11 +524,7 @@ def evaluate_nexttoken(
     lap("capture")
 
     # 2. token identity: one batched engine job for every (sample, layer)
-    engine = _SourceStatesEngine(
-        model,
-        {(s.ids, s.position): {layer: states[layer][k] for layer in chosen} for k, s in enumerate(samples)},
-        batch_memory_mb=getattr(scope.engine, "batch_memory_mb", DEFAULT_BATCH_MEMORY_MB),
-    )
+    known = {(s.ids, s.position): {layer: states[layer][k] for layer in chosen} for k, s in enumerate(samples)}
     probes = [scope.probe(s.text, TOKEN_IDENTITY, layer=layer, max_new_tokens=1, stop=()) for s in samples for layer in chosen]
     score_ids = [(int(targets[k]),) for k in range(len(samples)) for _ in chosen]
     log(f"token identity: {len(probes)} probes in one batched job")
@@ -544,7 +535,7 @@ def evaluate_nexttoken(
             reported[0] = done / total
             log(f"  token identity {100 * done / total:.0f}% ({time.perf_counter() - clock:.0f} s)")
 
-    results = run_probes(engine, probes, score_ids=score_ids, progress=progress)
+    results = run_probes(scope.engine, probes, score_ids=score_ids, source_states=known, progress=progress)
     lap("token_identity")
     identity_top: dict[int, list[int]] = {layer: [] for layer in chosen}
     identity_logp: dict[int, list[float]] = {layer: [] for layer in chosen}
@@ -773,7 +764,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(message, file=sys.stderr, flush=True)
 
     try:
-        from .models import load_model
         from .scope import Patchscope
         from .workers import detect_device, parse_device
 
@@ -790,8 +780,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PatchscopeError as exc:
         print(f"patchscope-eval: error: {exc}", file=sys.stderr)
         return 2
-    print(f"# {report.model}: next-token Precision@1 by layer, n={report.n} (seed {report.seed}), "
-          f"affine fitted on {report.n_train} prompts / {report.n_train_pairs} positions")
+    affine = (f"affine maps fitted on {report.n_train} prompts / {report.n_train_pairs} positions" if report.n_train
+              else "no affine maps (--n-train 0)")
+    print(f"# {report.model}: next-token Precision@1 by layer, n={report.n} (seed {report.seed}), {affine}")
     print(report.to_text())
     for note in report.notes:
         print(f"note: {note}")

