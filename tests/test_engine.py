@@ -245,3 +245,14 @@ def test_plain_twin_shares_the_weights_and_computes_the_same(tiny_model):
     ids = torch.tensor([tiny_model.tokenize("The capital of France is")])
     with torch.no_grad():
         assert torch.allclose(twin(ids).logits, tiny_model.hf(ids).logits, atol=1e-5)
+
+
+def test_engine_imports_no_pytest_and_the_plugin_no_torch():
+    """The engine runs under `python -c`; loading the plugin stays cheap for unrelated test runs."""
+    import subprocess
+    import sys
+
+    engine = "import sys, pytest_patchscope.scope, pytest_patchscope.engine, pytest_patchscope.eval; assert 'pytest' not in sys.modules"
+    plugin = "import sys, pytest_patchscope.plugin; assert 'transformers' not in sys.modules and 'transformer_lens' not in sys.modules"
+    for code in (engine, plugin):
+        subprocess.run([sys.executable, "-c", code], check=True)
