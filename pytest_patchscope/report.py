@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .baseline import Comparison, atomic_write, best_cells_by_layer, hit_mark, side_by_side
+from .baseline import LOGPROB_DECIMALS, Comparison, atomic_write, best_cells_by_layer, hit_mark, side_by_side
 from .errors import ReportError
 from .profile import LocalizationProfile
 
@@ -152,6 +152,12 @@ def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
+def _rounded(value: float | None) -> float | None:
+    """Rounded like the baseline file, so the report does not depend on thread counts (-n 2 vs -n 0)."""
+    value = _finite(value)
+    return None if value is None else round(value, LOGPROB_DECIMALS)
+
+
 def _side_facts(profile: LocalizationProfile | None) -> dict[str, Any] | None:
     if profile is None:
         return None
@@ -163,7 +169,7 @@ def _side_facts(profile: LocalizationProfile | None) -> dict[str, Any] | None:
         "first_hit": profile.first_hit,
         "peak_layer": profile.peak_layer,
         "peak_target_layer": None if peak is None else peak.target_layer,
-        "peak_logprob": None if peak is None else _finite(peak.logprob),
+        "peak_logprob": None if peak is None else _rounded(peak.logprob),
     }
 
 
@@ -186,7 +192,6 @@ def write_json_report(path: str | os.PathLike[str], summary: SessionSummary) -> 
             {
                 "key": r.key,
                 "nodeid": r.nodeid,
-                "worker": r.worker,
                 "status": r.status,
                 "probe": r.profile.describe(),
                 "expect": r.profile.expect,
@@ -195,7 +200,7 @@ def write_json_report(path: str | os.PathLike[str], summary: SessionSummary) -> 
                 "notes": c.notes if c else [],
                 "lost_layers": c.lost_layers if c else [],
                 "gained_layers": c.gained_layers if c else [],
-                "score_drop": _finite(c.score_drop) if c else None,
+                "score_drop": _rounded(c.score_drop) if c else None,
                 "baseline": _side_facts(c.baseline if c else None),
                 "current": _side_facts(r.profile),
             }

@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# GPU machine check for pytest-xdist: one worker per GPU, each on its own device, and the time of a
+# 30x30 source x target layer grid sweep on one GPU. Installs nothing: run it from a checkout whose
+# environment is already set up (make test once, or PYTHON=/path/to/venv/bin/python).
+#
+#   benchmarks/gpu_check.sh               # on a GPU machine: pytest -n <GPUs>, then the 30x30 grid
+#   benchmarks/gpu_check.sh --cpu-smoke   # anywhere: 2 CPU workers with a fake CUDA_VISIBLE_DEVICES=0,1
+#                                         # (device auto falls back to the CPU) on a small generated
+#                                         # suite (SUITE=example_suites to run those), then a 3x3 grid
+#   SUITE=path/to/tests benchmarks/gpu_check.sh   # another suite than example_suites
+#
+# Each worker's device comes from the plugin's own "patchscope workers" terminal section (one
+# "gwN: device ..., CUDA_VISIBLE_DEVICES=..." line per worker that loaded a model): no conftest.
+# Bounded: pytest gets 180 s, the grid 90 s. Exit status 0 only when every check passed; the last
+# line is a one-line summary.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+SMOKE=0
+case "${1:-}" in
+    --cpu-smoke) SMOKE=1 ;;
+    "") ;;
+    *) echo "usage: $0 [--cpu-smoke]" >&2; exit 2 ;;
+esac
+
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
+fi
+SUITE_GIVEN=${SUITE:+1}
+SUITE=${SUITE:-example_suites}
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+failures=()
+
+if [ "$SMOKE" = 1 ]; then
+    N=2
+    DEVICE=cpu
+    GRID=3
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+    FAKE_VISIBLE="0,1"   # workers must still get one token each ("0", "1"); torch stays on the CPU
+else
+    N=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
+    if [ "${N:-0}" -lt 1 ]; then
+        echo "gpu_check: FAIL: nvidia-smi lists no GPU (use --cpu-smoke on a machine without one)"
+        exit 1
+    fi
+    if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+        echo "note: CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES is set; workers share out those devices"
+        N=$(awk -F, '{print NF}' <<<"$CUDA_VISIBLE_DEVICES")
+    fi
+    DEVICE=cuda
+    GRID=30
+    FAKE_VISIBLE=""
+fi
+
+# ---- 1. pytest -n N: one device per worker ------------------------------------------------------
+if { [ "$SMOKE" = 1 ] && [ -z "$SUITE_GIVEN" ]; } || [ -z "$(find "$SUITE" -name 'test_*.py' -print -quit 2>/dev/null)" ]; then
+    echo "note: using a generated suite of $((2 * N)) small probes on the default model"
+    SUITE="$WORK/suite"
+    mkdir -p "$SUITE"
+    for i in $(seq 1 "$N"); do
+        cat >"$SUITE/test_probe_$i.py" <<'EOF'
+import pytest
+from pytest_patchscope import attribute_extraction
+
+
+@pytest.mark.parametrize("country,capital", [("France", "Paris"), ("Japan", "Tokyo")])
+def test_capital(patchscope, country, capital):
+    patchscope.record(patchscope.sweep(f"Country: {country}", attribute_extraction(),
+                                       layers=range(0, 12, 3), expect=capital, max_new_tokens=4))
+EOF
+    done
+fi
+
+echo "== pytest $SUITE -n $N (device auto)"
+started=$(date +%s)
+env ${FAKE_VISIBLE:+CUDA_VISIBLE_DEVICES=$FAKE_VISIBLE} timeout 180 "$PYTHON" -m pytest "$SUITE" -n "$N" \
+    -p no:cacheprovider -q --patchscope-report="$WORK/report.json" >"$WORK/pytest.log" 2>&1
+status=$?
+elapsed=$(( $(date +%s) - started ))
+tail -n 25 "$WORK/pytest.log"
+[ "$status" = 124 ] && failures+=("pytest ran past 180 s")
+[ "$status" != 0 ] && [ "$status" != 124 ] && failures+=("pytest exited $status")
+
+# "gw0: device cuda, CUDA_VISIBLE_DEVICES=0" lines of the "patchscope workers" section.
+workers=$(sed -n '/^-* patchscope workers -*$/,/^[-=]* .* [-=]*$/p' "$WORK/pytest.log" | grep -E '^gw[0-9]+: ')
+n_workers=$(grep -c . <<<"$workers" || true)
+n_devices=$(grep -o 'CUDA_VISIBLE_DEVICES=[^,]*' <<<"$workers" | sort -u | grep -c . || true)
+on_device=$(grep -c "device $DEVICE" <<<"$workers" || true)
+mapping=$(sed -E 's/^(gw[0-9]+): .*CUDA_VISIBLE_DEVICES=([^,]*).*/\1->\2/' <<<"$workers" | paste -sd' ' -)
+per_worker=$("$PYTHON" - "$WORK/report.json" <<'EOF' 2>/dev/null
+import collections, json, sys
+probes = json.load(open(sys.argv[1]))["probes"]
+print(" ".join(f"{w}:{n}" for w, n in sorted(collections.Counter(p["worker"] for p in probes).items())))
+EOF
+)
+echo "workers: $n_workers reported, $n_devices distinct CUDA_VISIBLE_DEVICES ($mapping); probes per worker: ${per_worker:-none}"
+[ "$n_workers" = "$N" ] || failures+=("$n_workers of $N workers reported a device (did every worker load a model?)")
+[ "$n_devices" = "$n_workers" ] || failures+=("workers share a device: $mapping")
+[ "$on_device" = "$n_workers" ] || failures+=("not every worker ran on $DEVICE")
+
+# ---- 2. one GRID x GRID sweep on one device ---------------------------------------------------
+echo "== ${GRID}x${GRID} grid sweep on $DEVICE"
+grid=$(timeout 90 "$PYTHON" -c "
+import time, torch
+from pytest_patchscope import ENTITY_DESCRIPTION, Patchscope
+
+device, n = '$DEVICE', $GRID
+sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
+scope = Patchscope.load(device=device)
+scope.sweep('Albert Einstein', ENTITY_DESCRIPTION, layers=[0], max_new_tokens=2)  # warm-up
+sync()
+started = time.perf_counter()
+profile = scope.sweep('Albert Einstein', ENTITY_DESCRIPTION, layers=range(n), target_layers=range(n), max_new_tokens=10)
+sync()
+seconds = time.perf_counter() - started
+name = torch.cuda.get_device_name() if device == 'cuda' else 'cpu'
+print(f'{n}x{n} grid ({len(profile.cells)} probes x 10 tokens) on {name}: {seconds:.1f} s, '
+      f'{len(profile.cells) * 10 / seconds:.0f} generated tokens/s')
+" 2>"$WORK/grid.err" | tail -n 1)
+if [ -z "$grid" ]; then
+    tail -n 15 "$WORK/grid.err"
+    failures+=("grid sweep failed or ran past 90 s")
+    grid="grid: no result"
+fi
+echo "$grid"
+
+# ---- summary ------------------------------------------------------------------------------------
+if [ ${#failures[@]} = 0 ]; then
+    echo "gpu_check: OK: $N workers on $n_devices devices ($mapping), pytest ${elapsed} s; $grid"
+    exit 0
+fi
+echo "gpu_check: FAIL: $(printf '%s; ' "${failures[@]}")pytest ${elapsed} s; $grid"
+exit 1
