@@ -7,6 +7,7 @@ identity (name, weights hash) that reports and baselines record.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import importlib.util
 import itertools
@@ -323,8 +324,11 @@ def _plain_twin(hf: Any) -> Any:
             hf.named_parameters(remove_duplicate=False), hf.named_buffers(remove_duplicate=False)
         )
     }
+    config = copy.deepcopy(hf.config)
+    if getattr(type(hf), "_supports_sdpa", False):
+        config._attn_implementation = "sdpa"  # the bridge runs eager attention; the twin needs no patterns
     with torch.device("meta"):
-        twin = type(hf)(hf.config)
+        twin = type(hf)(config)
     for module_name, module in twin.named_modules():
         for store in (module._parameters, module._buffers):
             for name, value in list(store.items()):
