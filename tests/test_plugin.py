@@ -175,13 +175,10 @@ def test_missing_model_path_fails_with_one_clear_message(pytester):
     result.stdout.fnmatch_lines(["patchscope: model *no/such/dir — not loadable: *"])
 
 
-def test_missing_default_weights_say_how_to_install_them(pytester):
-    pytester.makeconftest(
-        """
-        import pytest_patchscope.models as models
-        models.DEFAULT_WEIGHTS_PACKAGE = "no_such_weights_package"
-        """
-    )
+def test_missing_default_weights_say_how_to_install_them(pytester, monkeypatch):
+    import pytest_patchscope.models as models
+
+    monkeypatch.setattr(models, "DEFAULT_WEIGHTS_PACKAGE", "no_such_weights_package")
     pytester.makepyfile("def test_probe(patchscope):\n    patchscope.generate('a', 'b x', layer=0)\n")
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)

@@ -169,10 +169,10 @@ def section(result, title: str) -> list[str]:
     return body
 
 
-def without_worker(report: Path) -> dict:
-    data = json.loads(report.read_text())
-    for probe in data["probes"]:
-        probe.pop("worker")
+def report_of(path: Path) -> dict:
+    """The JSON report, checked to carry nothing that depends on which worker ran a test."""
+    data = json.loads(path.read_text())
+    assert all("worker" not in probe for probe in data["probes"])
     return data
 
 
@@ -217,14 +217,13 @@ def test_n2_gives_the_same_baseline_report_and_summary_as_n0_and_only_the_contro
     r2.assert_outcomes(passed=6)
     assert base2 == base0
     assert len(json.loads(base0)["entries"]) == 6
-    assert without_worker(report2) == without_worker(report0)
+    assert report_of(report2) == report_of(report0)
     summary = section(r0, "knowledge localization")
     assert section(r2, "knowledge localization") == summary
     assert "regressed: test_one.py::test_sweep[Short x]::probe=" in "\n".join(summary), summary
     assert summary[-1].startswith("baseline written:")
 
-    # Both workers ran probes, and the controller (only) merged and wrote them.
-    assert {p["worker"] for p in json.loads(report2.read_text())["probes"]} == {"gw0", "gw1"}
+    # The controller (only) merged and wrote the workers' probes.
     writers = [(c["event"], c["worker"]) for c in calls2 if c["event"] in ("finish", "write_baseline")]
     assert writers == [("finish", "controller"), ("write_baseline", "controller")]
     assert [c["worker"] for c in calls0 if c["event"] == "write_baseline"] == ["controller"]
@@ -258,9 +257,9 @@ def test_n2_matches_n0_on_the_default_model(pytester, user_cache, monkeypatch):
     assert base2 == base0
     entries = json.loads(base0)["entries"]
     assert len(entries) == 2 and {e["model"] for e in entries.values()} == {"SmolLM2-135M-Instruct"}
-    assert without_worker(report2) == without_worker(report0)
+    assert report_of(report2) == report_of(report0)
     assert section(r2, "knowledge localization") == section(r0, "knowledge localization")
-    assert {p["worker"] for p in json.loads(report2.read_text())["probes"]} == {"gw0", "gw1"}
+    assert section(r2, "patchscope workers") == ["gw0: device cpu", "gw1: device cpu"], "both workers ran probes"
 
 
 def test_a_crashed_worker_loses_only_its_own_probes_and_is_named(pytester, tiny_llama_dir):
@@ -453,4 +452,4 @@ def test_a_worker_on_another_host_sends_its_profiles_back(pytester, tiny_llama_d
     }
     assert [c["event"] for c in calls(pytester)] == ["setup", "finish"]
     probes = json.loads((pytester.path / "report.json").read_text())["probes"]
-    assert len(probes) == 6 and {p["worker"] for p in probes} == {"gw0"}
+    assert len(probes) == 6
