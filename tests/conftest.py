@@ -70,6 +70,23 @@ def tiny_llama_dir(tmp_path_factory, tokenizer):
     return directory
 
 
+@pytest.fixture
+def damaged_dir(tmp_path, tiny_llama_dir):
+    """The tiny checkpoint with its first two blocks' MLPs scaled: the same shapes, other answers."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "damaged"
+    shutil.copytree(tiny_llama_dir, out)
+    weights = load_file(out / "model.safetensors")
+    for name in list(weights):
+        if name.startswith(("model.layers.0.", "model.layers.1.")) and "mlp" in name:
+            weights[name] = weights[name] * -4.0
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
 @pytest.fixture(scope="session")
 def default_scope() -> Patchscope:
     """The real default model (SmolLM2-135M-Instruct), loaded once for the session."""

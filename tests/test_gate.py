@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import transformer_lens.model_bridge  # noqa: F401  (see test_plugin.py: import outside pytester runs)
@@ -27,21 +26,6 @@ def test_sweep(patchscope, expect, target):
     profile = patchscope.sweep(SOURCE, target, layers=range(4), expect=expect, max_new_tokens=3)
     patchscope.record(profile)
 """
-
-
-@pytest.fixture
-def damaged_dir(tmp_path, tiny_llama_dir):
-    """The tiny checkpoint with its first two blocks' MLPs scaled: the same shapes, other answers."""
-    from safetensors.torch import load_file, save_file
-
-    out = tmp_path / "damaged"
-    shutil.copytree(tiny_llama_dir, out)
-    weights = load_file(out / "model.safetensors")
-    for name in list(weights):
-        if name.startswith(("model.layers.0.", "model.layers.1.")) and "mlp" in name:
-            weights[name] = weights[name] * -4.0
-    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
-    return out
 
 
 @pytest.fixture(autouse=True)

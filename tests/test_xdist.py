@@ -122,21 +122,6 @@ def user_cache() -> Path:
     return cache_root()
 
 
-@pytest.fixture
-def damaged_dir(tmp_path, tiny_llama_dir):
-    """The tiny checkpoint with its first two blocks' MLPs negated and scaled: other answers."""
-    from safetensors.torch import load_file, save_file
-
-    out = tmp_path / "damaged"
-    shutil.copytree(tiny_llama_dir, out)
-    weights = load_file(out / "model.safetensors")
-    for name in list(weights):
-        if name.startswith(("model.layers.0.", "model.layers.1.")) and "mlp" in name:
-            weights[name] = weights[name] * -4.0
-    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
-    return out
-
-
 @contextlib.contextmanager
 def one_torch_thread():
     before = torch.get_num_threads()
