@@ -102,5 +102,7 @@ def plain_hf(default_model_dir):
 
 
 def active_hooks(model: PatchscopeModel) -> list[str]:
-    """Names of hook points that still carry a hook (must be empty between probes)."""
-    return [name for name, hp in model.bridge.hook_dict.items() if hp.fwd_hooks or hp.bwd_hooks]
+    """Bridge hook points and plain-twin modules that still carry a hook (must be none between probes)."""
+    bridge = [name for name, hp in model.bridge.hook_dict.items() if hp.fwd_hooks or hp.bwd_hooks]
+    twin = [f"plain.{name}" for name, m in model.plain.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+    return bridge + twin

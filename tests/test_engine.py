@@ -143,7 +143,9 @@ def test_bos_convention_is_the_tokenizers_own(tiny_llama):
     result = Patchscope(tiny_llama).generate(prompt, "Short x", layer=1, source_position=3, max_new_tokens=3)
     assert result.resolved.source_ids == tuple(ours) and result.resolved.source_index == 3
     captured = Engine(tiny_llama).capture(ours, 3, [1])[1]
-    assert torch.equal(captured, ref.source_state(tiny_llama.hf, ours, 3, 1))
+    # the same state up to float rounding (SDPA on the twin vs eager attention in the bridge)
+    assert torch.allclose(captured, ref.source_state(tiny_llama.hf, ours, 3, 1), atol=1e-5)
+    assert not torch.allclose(captured, ref.source_state(tiny_llama.hf, ours, 4, 1), atol=1e-3)
 
 
 def test_last_layer_state_is_pre_final_norm(tiny_llama):
@@ -152,8 +154,8 @@ def test_last_layer_state_is_pre_final_norm(tiny_llama):
     captured = Engine(tiny_llama).capture(ids, -1, [last])[last]
     with torch.no_grad():
         post_norm = tiny_llama.hf(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1]
-    assert torch.equal(captured, ref.source_state(tiny_llama.hf, ids, len(ids) - 1, last))
-    assert not torch.allclose(captured, post_norm)
+    assert torch.allclose(captured, ref.source_state(tiny_llama.hf, ids, len(ids) - 1, last), atol=1e-5)
+    assert not torch.allclose(captured, post_norm, atol=1e-3)
 
 
 def test_presets_are_data_over_the_one_operator(tiny_llama):
@@ -182,12 +184,11 @@ def test_stop_strings_and_max_new_tokens(tiny_llama):
     assert stop not in cut.text and long.text.startswith(cut.text)
 
 
-@pytest.mark.parametrize("fail_at_call", [3, 5], ids=["in-the-patched-pass", "while-decoding"])
+@pytest.mark.parametrize("fail_at_call", [1, 2, 4], ids=["in-the-prefill", "in-the-patched-pass", "while-decoding"])
 def test_no_hook_is_left_after_a_probe_raises_mid_generation(tiny_llama, fail_at_call):
-    """Forward calls: 1 source capture, 2 shared prefix, 3 patched suffix (hooks on), 4+ decoding.
-
-    Hook-free passes run on the plain twin, so the failure is injected into both models' final norm.
-    """
+    """Forward calls: 1 packed prefill (source + prefix, capture hooks on), 2 patched pass (stream
+    hooks on), 3+ decoding. Every pass runs on the plain twin; the failure is injected into the
+    final norm of both models."""
     scope = Patchscope(tiny_llama)
     before = scope.generate("Tokyo", "The capital city of x is", layer=1, target_position=Placeholder("x"), max_new_tokens=5)
     calls = {"n": 0}

@@ -1,0 +1,85 @@
+"""Shared-trunk execution: which rows compute together at each layer, and that sharing changes nothing.
+
+The plan is pure bookkeeping and is tested on plain integers; the sharing itself is checked on the
+tiny models against the independent HF implementation, with rows built to agree for a while.
+"""
+from __future__ import annotations
+
+import torch
+
+import hf_reference as ref
+from conftest import active_hooks
+from pytest_patchscope import Probe
+from pytest_patchscope.scope import Patchscope
+from pytest_patchscope.streams import LayerKV, StreamPlan
+
+
+def test_a_sweep_shares_every_layer_below_each_patch():
+    """Rows patched after layers 0..3 plus a clean row, one target: layer j runs j + 1 streams."""
+    patch_layers = [0, 1, 2, 3, None]
+    plan = StreamPlan(range(5), groups=[0] * 5, patch_layers=patch_layers, n_layers=4)
+    assert [len(reps) for reps in plan.reps] == [1, 2, 3, 4, 5]
+    assert plan.widen(1) == [0, 0] and plan.to_first(3) == [0, 0, 0, 0]
+    # a row branches right after its patch layer, and keeps its own stream from there on
+    assert plan.stream_of[1][0] != plan.stream_of[1][4] and plan.stream_of[1][1] == plan.stream_of[1][4]
+    assert len(set(plan.final.values())) == 5
+
+
+def test_rows_that_generated_different_tokens_part_and_the_store_follows():
+    first = StreamPlan(range(3), groups=[0, 0, 0], patch_layers=[2, 2, None], n_layers=3)
+    # rows 0 and 2 generated one token, row 1 another: row 1 leaves the trunk at every layer
+    second = StreamPlan(range(3), groups=[1, 2, 1], patch_layers=[2, 2, None], n_layers=3)
+    assert [len(reps) for reps in second.reps] == [2, 2, 2, 3]
+    parent = second.from_previous(first, 0)
+    assert parent == [0, 0]  # both new streams continue the one old trunk's history
+    store = LayerKV(torch.arange(2.0).reshape(1, 1, 2, 1), torch.zeros(1, 1, 2, 1))
+    store.select(torch.tensor(parent))
+    assert store.keys.shape == (2, 1, 2, 1) and torch.equal(store.keys[0], store.keys[1])
+    assert second.from_previous(second, 1) is None  # nothing moved: no copy
+
+
+def test_finished_rows_leave_their_streams():
+    plan = StreamPlan([0, 2], groups=[5, 9, 5], patch_layers=[None, None, 0], n_layers=2)
+    assert plan.rows == [0, 2] and [len(reps) for reps in plan.reps] == [1, 2, 2]
+
+
+def test_each_layer_runs_once_per_stream_in_a_sweep(tiny_llama):
+    """The patched pass of an n-layer sweep: layer j sees j + 1 streams (rows below it, one trunk)."""
+    scope = Patchscope(tiny_llama)
+    n = tiny_llama.n_layers
+    seen: dict[int, list[int]] = {j: [] for j in range(n)}
+    handles = [
+        layer.register_forward_pre_hook(lambda module, args, j=j: seen[j].append(args[0].shape[0]))
+        for j, layer in enumerate(tiny_llama.plain_layers)
+    ]
+    try:
+        scope.sweep("Tokyo", "The capital city of x is", layers=range(n), max_new_tokens=3)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # calls: [prefix pass, patched pass, decoding...]; the patched pass is the second
+    assert [seen[j][1] for j in range(n)] == [j + 1 for j in range(n)]
+    assert active_hooks(tiny_llama) == []
+
+
+def test_rows_that_agree_share_and_still_equal_the_reference(tiny_model):
+    """Strength-0 rows generate the clean text, so they share trunks through decoding; strength-1
+    rows at the same layers part from them. Every row must still equal the one-pass HF reference."""
+    scope = Patchscope(tiny_model)
+    n = tiny_model.n_layers
+    probes = [
+        Probe(source, "The capital city of x is", layer=layer, target_layer=layer, strength=strength, max_new_tokens=6)
+        for source in ("Tokyo", "A much longer source prompt about Rome")
+        for layer in range(n)
+        for strength in (0.0, 1.0)
+    ]
+    results = scope.run(probes)
+    hf = tiny_model.hf
+    for result in results:
+        rp = result.resolved
+        if rp.probe.strength == 0.0:
+            assert result.tokens == result.clean_tokens
+            continue
+        vector = ref.source_state(hf, list(rp.source_ids), rp.source_index, rp.layer)
+        expected = ref.patched_generate(hf, list(rp.target_ids), rp.target_index, rp.target_layer, vector, 6)
+        assert list(result.tokens) == expected, rp.probe.describe()
