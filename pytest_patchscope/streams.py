@@ -172,13 +172,13 @@ def forward_streams(
 
     def enter(layer_index: int, narrow: torch.Tensor | None, module: Any, args: tuple, kwargs: dict) -> tuple:
         kwargs = dict(kwargs)
-        kwargs.update(zip(_positional_names(module), args[1:]))
+        kwargs.update(zip(_positional_names(module), args[1:]))  # name what GPT-2 passes by position
         if narrow is not None:
             for name in PER_SEQUENCE_KWARGS:
                 if name in kwargs:
                     kwargs[name] = _take(kwargs[name], narrow, first)
         kwargs["past_key_values"] = stores[layer_index]
-        return (args[0],), kwargs
+        return args[:1], kwargs
 
     def leave(widen: torch.Tensor | None, placed: list[Patch], stage: int, module: Any, args: tuple, output: Any) -> Any:
         hidden = output[0] if isinstance(output, tuple) else output
