@@ -428,7 +428,7 @@ def _fmt_mb(info: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="6 layers (every 5th), 6x6 grid, 1 repeat")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per method (median reported); default 3")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per method (median reported); default 5")
     parser.add_argument("--tl-loop-repeats", type=int, default=1, help="timed repeats of the slow TL per-probe loop; default 1")
     parser.add_argument("--grid-repeats", type=int, default=1, help="timed repeats of the grid runs; default 1")
     parser.add_argument("--threads", type=int, default=1, help="torch/OMP/MKL threads for every method; default 1 "
@@ -546,9 +546,12 @@ def main(argv: list[str] | None = None) -> int:
             holds = ratio <= 1 / speedup + 1e-9
             verdicts[base] = {"ours_over_base": round(ratio, 3), "required": round(1 / speedup, 3), "holds": holds}
             cpu_ratio = ours["median_cpu_s"] / ok[base]["median_cpu_s"]
+            best_ratio = min(ours["times"]) / min(ok[base]["times"])  # least disturbed by other processes
+            verdicts[base]["best_of_runs_ratio"] = round(best_ratio, 3)
             goal = f"ours <= {1 / speedup:.3g}x {base} ({speedup:.3g}x faster)"
             print(f"  {goal:<38}: ours/{base} = {ratio:.3f} wall "
-                  f"({1 / ratio:.2f}x faster)  -> {'HOLDS' if holds else 'MISSED'}   [CPU-time ratio {cpu_ratio:.3f}]")
+                  f"({1 / ratio:.2f}x faster)  -> {'HOLDS' if holds else 'MISSED'}   "
+                  f"[CPU-time ratio {cpu_ratio:.3f}; fastest runs {best_ratio:.3f}]")
 
     # ---- agreement ---------------------------------------------------------------------------
     agreement: dict[str, Any] = {}

@@ -271,9 +271,13 @@ class Engine:
         q_cols = cols[lp:]
         allowed = valid[:, None, :] & (cols[None, None, :] <= q_cols[None, :, None])
         allowed |= cols[None, None, :] == q_cols[None, :, None]
+        # One layout for every row (a sweep's single target): one mask and one set of positions
+        # broadcast over all streams, instead of one per stream.
+        uniform = len({(row.split, len(row.target_ids)) for row in rows}) == 1
         first = torch.tensor(plan.reps[0], device=device)
+        layout = first[:1] if uniform else first
         logits = forward_streams(
-            model, plan, stores, suffix_ids[first], suffix_pos[first], _float_mask(allowed[first], dtype), patches
+            model, plan, stores, suffix_ids[first], suffix_pos[layout], _float_mask(allowed[layout], dtype), patches
         ).float()
         scores = [self._scores(logits[plan.final[r]], row.score_ids) for r, row in enumerate(rows)]
 
@@ -308,9 +312,10 @@ class Engine:
                 parent = plan.from_previous(previous, j)
                 store.select(None if parent is None else torch.tensor(parent, device=device))
             first = torch.tensor(plan.reps[0], device=device)
+            layout = first[:1] if uniform else first
             next_ids = torch.tensor([[tokens[r][-1]] for r in plan.reps[0]], device=device)
             logits = forward_streams(
-                model, plan, stores, next_ids, last_pos[first, None], _float_mask(valid[first, None, :], dtype)
+                model, plan, stores, next_ids, last_pos[layout, None], _float_mask(valid[layout, None, :], dtype)
             )
         return [
             _RowOutput(tokens[r], stopped_text[r] if r in stopped_text else model.decode(tokens[r]), scores[r])

@@ -156,12 +156,14 @@ def forward_streams(
 ) -> "torch.Tensor":
     """One pass of the plain twin over stage 0's streams; returns last-position logits per final stream.
 
-    `input_ids`, `position_ids` and the 4D float `attention_mask` hold one entry per stage-0 stream.
+    `input_ids` holds one row per stage-0 stream; `position_ids` and the 4D float `attention_mask`
+    hold one too, or a single row that every stream shares (then nothing needs narrowing).
     """
     import torch
 
     device = input_ids.device
     first = len(plan.reps[0])
+    shared_layout = attention_mask.shape[0] == 1 and position_ids.shape[0] == 1
 
     def tensor(index: list[int] | None) -> torch.Tensor | None:
         return None if index is None else torch.tensor(index, device=device)
@@ -196,7 +198,8 @@ def forward_streams(
     handles = []
     try:
         for j, layer in enumerate(model.plain_layers):
-            handles.append(layer.register_forward_pre_hook(partial(enter, j, tensor(plan.to_first(j))), with_kwargs=True))
+            narrow = None if shared_layout else tensor(plan.to_first(j))
+            handles.append(layer.register_forward_pre_hook(partial(enter, j, narrow), with_kwargs=True))
             handles.append(layer.register_forward_hook(partial(leave, tensor(plan.widen(j + 1)), by_layer.get(j, []), j + 1)))
         out = model.plain(
             input_ids=input_ids,
