@@ -43,6 +43,7 @@ from typing import Any
 SOURCE = "Albert Einstein"
 DEFAULT_BATCH_MEMORY_MB = 2048  # pytest_patchscope.engine's default; read from it when importable
 ALL_METHODS = ("ours", "tl_loop", "tl_batched", "hf", "nnsight", "ours_grid", "ours_grid_bounded", "hf_grid")
+ROUND_METHODS = ("ours", "tl_batched", "hf", "nnsight")  # the fast sweep methods, run in --rounds
 TARGETS = (  # (baseline, required speed-up of ours over it)
     ("hf", 1 / 0.6),
     ("nnsight", 2.0),
@@ -383,6 +384,20 @@ def _spawn(method: str, args: argparse.Namespace, env: dict[str, str]) -> dict[s
         Path(out_path).unlink(missing_ok=True)
 
 
+def _merge_rounds(before: dict[str, Any] | None, info: dict[str, Any]) -> dict[str, Any]:
+    """One method's children over several rounds: all runs pooled, the highest peak memory."""
+    if before is None or "error" in before or "error" in info:
+        return info if before is None or "error" in info else before
+    merged = dict(before)
+    merged["times"] = before["times"] + info["times"]
+    merged["cpu_times"] = before["cpu_times"] + info["cpu_times"]
+    merged["median_s"] = round(statistics.median(merged["times"]), 3)
+    merged["median_cpu_s"] = round(statistics.median(merged["cpu_times"]), 3)
+    merged["peak_added_mb"] = max(before["peak_added_mb"], info["peak_added_mb"])
+    merged["loadavg_end"] = info["loadavg_end"]
+    return merged
+
+
 def _forward_args(args: argparse.Namespace) -> list[str]:
     out = [
         "--threads", str(args.threads), "--repeats", str(args.repeats), "--tl-loop-repeats", str(args.tl_loop_repeats),
@@ -429,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="6 layers (every 5th), 6x6 grid, 1 repeat")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per method (median reported); default 5")
+    parser.add_argument("--rounds", type=int, default=2, help="run the fast sweep methods this many times, "
+                        "round-robin, pooling their runs; default 2")
     parser.add_argument("--tl-loop-repeats", type=int, default=1, help="timed repeats of the slow TL per-probe loop; default 1")
     parser.add_argument("--grid-repeats", type=int, default=1, help="timed repeats of the grid runs; default 1")
     parser.add_argument("--threads", type=int, default=1, help="torch/OMP/MKL threads for every method; default 1 "
@@ -448,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.quick:
-        args.repeats, args.layer_step = 1, 5
+        args.repeats, args.layer_step, args.rounds = 1, 5, 1
         args.tl_loop_repeats = args.grid_repeats = 1
     if args.n_layers is None:
         if args.method is None:
@@ -492,20 +509,29 @@ def main(argv: list[str] | None = None) -> int:
               "times are noisy and inflated (compare ratios, and look at each method's load avg below)")
     print(f"  {_versions()}; threads={args.threads} (OMP/MKL_NUM_THREADS={args.threads} for every method)")
     print(f"  workload (a): {L} layers x 1 probe, source {SOURCE!r}, target ENTITY_DESCRIPTION, l*=l, "
-          f"{args.max_new_tokens} new tokens, greedy; repeats {args.repeats} (tl_loop {args.tl_loop_repeats})")
+          f"{args.max_new_tokens} new tokens, greedy; {args.rounds} round(s) x {args.repeats} repeats "
+          f"(tl_loop {args.tl_loop_repeats})")
     if not args.no_grid:
         print(f"  workload (b): {L}x{L} = {L * L} probes (l x l*), this project only; repeats {args.grid_repeats}")
 
     results: dict[str, dict[str, Any]] = {}
     nnsight_problem = _nnsight_problem()
-    for method in methods:
-        if method == "nnsight" and nnsight_problem:
-            print(f"  nnsight: not installed/unsupported ({nnsight_problem})")
-            results[method] = {"method": method, "error": nnsight_problem}
-            continue
-        results[method] = _spawn(method, args, env)
-        if method == "nnsight" and "error" in results[method]:
-            print(f"  nnsight: not installed/unsupported ({results[method]['error']})")
+    # The fast sweep methods run in rounds, one child each per round, so that a machine whose speed
+    # drifts over minutes (a shared host) slows every method alike instead of whichever ran then.
+    rounds = [[m for m in methods if m in ROUND_METHODS]] * args.rounds + [[m for m in methods if m not in ROUND_METHODS]]
+    for number, batch in enumerate(rounds):
+        if args.rounds > 1 and number < args.rounds and batch:
+            print(f"  round {number + 1} of {args.rounds}")
+        for method in batch:
+            if method == "nnsight" and nnsight_problem:
+                if method not in results:
+                    print(f"  nnsight: not installed/unsupported ({nnsight_problem})")
+                results[method] = {"method": method, "error": nnsight_problem}
+                continue
+            info = _spawn(method, args, env)
+            if method == "nnsight" and "error" in info:
+                print(f"  nnsight: not installed/unsupported ({info['error']})")
+            results[method] = _merge_rounds(results.get(method), info)
     ok = {m: r for m, r in results.items() if "error" not in r}
 
     # ---- table (a) ---------------------------------------------------------------------------
