@@ -35,7 +35,11 @@ if TYPE_CHECKING:
     from .profile import LocalizationProfile
 
 TOLERANCE_MARKER = "patchscope_tolerance"
-WORKEROUTPUT_KEY = "patchscope_summary"
+REPORT_RECORDS_ATTR = "patchscope_records"
+"""TestReport attribute: the records a worker made during that phase, streamed to the controller
+with the report itself, so a worker that crashes later loses none of them."""
+WORKEROUTPUT_KEY = "patchscope_records_streamed"
+"""workeroutput key: how many records the worker streamed (present only if it finished)."""
 SETUP_OUTPUT_KEY = "patchscope_setup"
 """workeroutput key: the worker's WorkerSetup.summary() line (written by plugin.py)."""
 BASELINE_INPUT_KEY = "patchscope_baseline_entries"
@@ -130,8 +134,10 @@ class Gate:
         self.reference_profiles: dict[int, tuple["LocalizationProfile", "LocalizationProfile"]] = {}
         self.dead_workers: dict[str, list[str]] = {}
         self.worker_setups: dict[str, str] = {}
-        self.nodeids_by_worker: dict[str, list[str]] = {}
+        self.crashed_by_worker: dict[str, list[str]] = {}
         self.worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+        self.unsent: list[Any] = []  # worker side: records not yet attached to a report
+        self.streamed = 0
         self.finish_errors: list[str] = []
 
     @property
@@ -172,7 +178,9 @@ class Gate:
         else:
             baseline = self.baseline.get(key) if self.baseline is not None else None
         outcome = compare_profiles(baseline, profile, tol) if self.active else profile
-        self.summary.add(key, outcome, item.nodeid, self.worker)
+        record = self.summary.add(key, outcome, item.nodeid, self.worker)
+        if _is_worker(self.config):
+            self.unsent.append(record)
         for name, value in junit_properties(outcome):
             item.user_properties.append((name, value))
         if getattr(outcome, "regressed", False) and not self.update:
@@ -228,11 +236,23 @@ def _is_worker(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput")
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """On a worker, attach the phase's new records to its report (xdist sends it at once)."""
+    report = yield
+    gate = gate_of(item.config)
+    if gate.unsent:
+        setattr(report, REPORT_RECORDS_ATTR, [record.to_dict() for record in gate.unsent])
+        gate.streamed += len(gate.unsent)
+        gate.unsent.clear()
+    return report
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     gate = gate_of(session.config)
     if _is_worker(session.config):
-        session.config.workeroutput[WORKEROUTPUT_KEY] = gate.summary.to_dict()  # type: ignore[attr-defined]
+        session.config.workeroutput[WORKEROUTPUT_KEY] = gate.streamed  # type: ignore[attr-defined]
         return
     gate.finish_errors = gate.finish()
     if gate.finish_errors and session.exitstatus == 0:
@@ -275,19 +295,19 @@ class XdistMerge:
             }
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        records = getattr(report, REPORT_RECORDS_ATTR, None)
+        if records:
+            self.gate.summary.merge({"records": records})
         node = getattr(report, "node", None)
         # "???": the report xdist makes for the test a worker crashed in (sent after testnodedown).
-        if node is not None and report.when in ("call", "???"):
-            self.gate.nodeids_by_worker.setdefault(node.gateway.id, []).append(report.nodeid)
+        if node is not None and report.when == "???":
+            self.gate.crashed_by_worker.setdefault(node.gateway.id, []).append(report.nodeid)
 
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
         output = getattr(node, "workeroutput", {})
         worker = node.gateway.id
         if output.get(SETUP_OUTPUT_KEY):
             self.gate.worker_setups[worker] = output[SETUP_OUTPUT_KEY]
-        payload = output.get(WORKEROUTPUT_KEY)
-        if payload is not None:
-            self.gate.summary.merge(payload)
-        else:
+        if WORKEROUTPUT_KEY not in output:
             # The same list object: xdist reports the crashed test only after this hook.
-            self.gate.dead_workers[worker] = self.gate.nodeids_by_worker.setdefault(worker, [])
+            self.gate.dead_workers[worker] = self.gate.crashed_by_worker.setdefault(worker, [])

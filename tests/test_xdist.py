@@ -1,5 +1,5 @@
 """pytest-xdist: -n 2 gives the same profiles, baseline file and report as -n 0; only the controller
-writes; a crashed worker costs only its own probes; each worker gets its own GPU; --dist loadfile
+writes; a crashed worker costs only the probes of the test it crashed in; each worker gets its own GPU; --dist loadfile
 keeps a model on one worker; a worker on another host (execnet socket server) works too.
 
 Every run with workers is a subprocess (xdist starts its workers with `python -m`), so each costs
@@ -247,7 +247,7 @@ def test_n2_matches_n0_on_the_default_model(pytester, user_cache, monkeypatch):
     assert section(r2, "patchscope workers") == ["gw0: device cpu", "gw1: device cpu"], "both workers ran probes"
 
 
-def test_a_crashed_worker_loses_only_its_own_probes_and_is_named(pytester, tiny_llama_dir):
+def test_a_crashed_worker_loses_only_the_crashed_tests_probes_and_is_named(pytester, tiny_llama_dir):
     pytester.makepyfile(
         helpers=HAND_MADE.format(),
         test_ok="""
@@ -283,12 +283,13 @@ def test_a_crashed_worker_loses_only_its_own_probes_and_is_named(pytester, tiny_
     assert crashed, result.stdout.str()
     result.stdout.fnmatch_lines([
         "*knowledge localization*",
-        "2 probes: 2 new",
-        f"baseline written: {baseline} (2 probes)",
-        f"worker {crashed.group(1)} crashed; its probes have no result: test_crash.py::test_before, test_crash.py::test_crash",
+        "3 probes: 3 new",
+        f"baseline written: {baseline} (3 probes)",
+        f"worker {crashed.group(1)} crashed; its probes have no result: test_crash.py::test_crash",
     ])
     entries = json.loads(baseline.read_text())["entries"]
-    assert [key.split("::probe=")[0] for key in entries] == ["test_ok.py::test_ok_1", "test_ok.py::test_ok_2"]
+    # test_before finished before its worker crashed: its record came back with its report
+    assert [key.split("::probe=")[0] for key in entries] == ["test_crash.py::test_before", "test_ok.py::test_ok_1", "test_ok.py::test_ok_2"]
     assert result.ret == pytest.ExitCode.TESTS_FAILED
 
 
