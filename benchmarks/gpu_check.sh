@@ -88,13 +88,10 @@ n_workers=$(grep -c . <<<"$workers" || true)
 n_devices=$(grep -o 'CUDA_VISIBLE_DEVICES=[^,]*' <<<"$workers" | sort -u | grep -c . || true)
 on_device=$(grep -c "device $DEVICE" <<<"$workers" || true)
 mapping=$(sed -E 's/^(gw[0-9]+): .*CUDA_VISIBLE_DEVICES=([^,]*).*/\1->\2/' <<<"$workers" | paste -sd' ' -)
-per_worker=$("$PYTHON" - "$WORK/report.json" <<'EOF' 2>/dev/null
-import collections, json, sys
-probes = json.load(open(sys.argv[1]))["probes"]
-print(" ".join(f"{w}:{n}" for w, n in sorted(collections.Counter(p["worker"] for p in probes).items())))
-EOF
-)
-echo "workers: $n_workers reported, $n_devices distinct CUDA_VISIBLE_DEVICES ($mapping); probes per worker: ${per_worker:-none}"
+# The merged report names no worker (it equals a run without -n), so only the total is checked here.
+n_probes=$("$PYTHON" -c 'import json, sys; print(len(json.load(open(sys.argv[1]))["probes"]))' "$WORK/report.json" 2>/dev/null || echo 0)
+echo "workers: $n_workers reported, $n_devices distinct CUDA_VISIBLE_DEVICES ($mapping); probes in the merged report: $n_probes"
+[ "$n_probes" -gt 0 ] || failures+=("the merged report holds no probe")
 [ "$n_workers" = "$N" ] || failures+=("$n_workers of $N workers reported a device (did every worker load a model?)")
 [ "$n_devices" = "$n_workers" ] || failures+=("workers share a device: $mapping")
 [ "$on_device" = "$n_workers" ] || failures+=("not every worker ran on $DEVICE")
