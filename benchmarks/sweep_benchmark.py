@@ -21,6 +21,11 @@ Every method runs in its own child process (`--method NAME`), so its peak RSS ca
 the child resets the kernel's high-water mark (/proc/self/clear_refs) once its model is loaded and
 reports VmHWM - VmRSS(at that point), i.e. the peak memory the method itself added.
 
+Then one more child times the fast methods (ours, tl_batched, hf, nnsight) together, one run each
+per round in a rotating order (--paired-rounds, default 8). A shared machine's speed drifts over
+minutes; alternating runs see the same drift, so the targets are judged on the median of these
+paired per-round ratios (tl_loop, too slow to alternate, is compared across processes).
+
     python benchmarks/sweep_benchmark.py              # everything (several minutes on 2 CPU cores)
     python benchmarks/sweep_benchmark.py --quick      # 6 layers, 6x6 grid, 1 repeat (a few minutes)
     python benchmarks/sweep_benchmark.py --threads 2 --repeats 5 --batch-memory-mb 256 --json out.json
