@@ -1,16 +1,15 @@
 """Patch + generate, batched and prefix-sharing. No pytest in here: it runs under `python -c`.
 
 How a batch of probes runs (on the plain HF twin, which shares every weight with the bridge):
-1. Target tokens before i* do not depend on the patch (attention is causal), so each distinct
-   prefix T[:i*] runs once, unpatched, and its KV cache is shared by every row that uses it. The
-   same pass captures every source state still needed: prefixes and source prompts are laid end
-   to end with a block-diagonal mask, so the weights stream through memory once for all of them.
-2. Each row then runs only T[i*:] and its new tokens, in streams (see `streams`): rows compute
-   together at every layer where they cannot differ yet, and branch off right after their patch
-   layer, where the patch is written. Prompts of mixed lengths line up through a custom attention
-   mask and explicit positions, exactly as they would alone.
-3. Decoding is greedy and needs no patch: later tokens see it only through the KV cache, as in the
-   paper's code.
+1. One opening pass. Target tokens before i* do not depend on the patch (attention is causal), so
+   each distinct prefix T[:i*] runs once and every row that uses it sees its keys/values. The
+   prefixes, the source prompts whose states are needed and each row's own tokens T[i*:] are laid
+   end to end with a mask under which each sees only what it would alone, so the weights stream
+   through memory once for all of them. The rows run in streams (see `streams`): together at every
+   layer where they cannot differ yet, branching off right after their patch layer, where the source
+   state, captured lower in the same pass, is written.
+2. Decoding is greedy and needs no patch: later tokens see it only through the keys/values, as in
+   the paper's code. Streams go on sharing while rows generate the same tokens.
 """
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from .probe import Probe, ResolvedProbe, apply_mapping, resolve_probe
-from .streams import LayerKV, Patch, StreamPlan, forward_streams
+from .streams import LayerKV, PackedLayout, Patch, Span, StreamPlan, forward_opening, forward_streams
 
 if TYPE_CHECKING:
     import torch
@@ -29,7 +28,7 @@ if TYPE_CHECKING:
 ProgressCallback = Callable[[int, int], None]
 DEFAULT_BATCH_MEMORY_MB = 512
 PACK_TOKENS = 512
-"""Longest packed row of the prefill (unless one prompt is longer): bounds its T x T mask."""
+"""Longest packed row of the opening pass (unless one unit is longer): bounds its T x T mask."""
 SourceStates = dict[tuple[tuple[int, ...], int], dict[int, Any]]
 """Hidden states already at hand: (source ids, source index) -> {layer: (d_model,) tensor}."""
 
@@ -88,81 +87,104 @@ class Engine:
         self.model = model
         self.batch_memory_mb = batch_memory_mb
 
-    # ---- the packed prefill: shared prefixes and source states in one pass ----------------
+    # ---- the opening pass: prefixes, source prompts and patched spans, packed -----------------
     def capture(self, prompt_ids: Sequence[int], index: int, layers: Iterable[int]) -> dict[int, "torch.Tensor"]:
         """Hidden states after each of `layers` (= `blocks.{l}.hook_out`) at token `index` of one prompt."""
         import torch
 
         ids = tuple(prompt_ids)
         key = (ids, index % len(ids))
+        states: SourceStates = {}
         with torch.no_grad():
-            _, states = self._prefill([], {key: set(layers)})
+            self._opening([], {key: set(layers)}, states, None)
         return states[key]
 
-    def _prefill(
-        self, prefixes: Iterable[tuple[int, ...]], wanted: dict[tuple[tuple[int, ...], int], set[int]]
-    ) -> tuple[dict[tuple[int, ...], list[tuple["torch.Tensor", "torch.Tensor"]]], SourceStates]:
-        """One unpatched pass over every prefix and every source prompt in `wanted`.
+    def _opening(
+        self, rows: list[_Row], wanted: dict[tuple[tuple[int, ...], int], set[int]], states: SourceStates,
+        vector_of: Callable[[int], Any] | None,
+    ) -> tuple[StreamPlan, list[int], dict[Any, int], "torch.Tensor | None", list[LayerKV], int, int]:
+        """One pass over every shared prefix, every source prompt in `wanted` and every row's T[split:].
 
-        Segments are packed end to end into rows of at most PACK_TOKENS tokens; each sees only itself
-        (block-diagonal causal mask, positions from 0), so its keys/values and hidden states are those
-        of a pass of its own. Returns per-layer (keys, values) per prefix and {(ids, index): {layer: h}}.
+        Packed end to end into rows of at most PACK_TOKENS tokens, each segment sees only itself and
+        each row's span its own prefix, so everything computes what it would alone; the weights stream
+        through memory once. Fills `states`, writes the patches (`vector_of(r)` gives row r's vector),
+        and returns the stream plan, the rows' groups, the logits per final stream and each layer's
+        keys/values per stream, laid out [pad][prefix][pad][span] with the two widths returned last.
         """
-        import torch
+        segments, spans, shard_of, n_packed = self._pack(rows, wanted)
+        segment_of: dict[tuple[int, ...], int] = {}
+        for k, (ids, _) in enumerate(segments):
+            segment_of.setdefault(ids, k)
 
-        prefixes = list(dict.fromkeys(prefixes))
-        segments = list(dict.fromkeys([*prefixes, *(ids for ids, _ in wanted)]))
-        if not segments:
-            return {}, {}
-        device, cap = self.model.device, max(PACK_TOKENS, max(map(len, segments)))
-        fill: list[int] = []
-        placed: dict[tuple[int, ...], tuple[int, int]] = {}  # segment -> (packed row, first column)
-        for segment in segments:
-            row = next((k for k, used in enumerate(fill) if used + len(segment) <= cap), len(fill))
-            if row == len(fill):
-                fill.append(0)
-            placed[segment], fill[row] = (row, fill[row]), fill[row] + len(segment)
-        width = max(fill)
-        ids = torch.full((len(fill), width), self.model.pad_token_id, dtype=torch.long, device=device)
-        owner = torch.full((len(fill), width), -1, dtype=torch.long, device=device)
-        positions = torch.zeros(len(fill), width, dtype=torch.long, device=device)
-        for k, segment in enumerate(segments):
-            row, start = placed[segment]
-            ids[row, start: start + len(segment)] = torch.tensor(segment, device=device)
-            owner[row, start: start + len(segment)] = k
-            positions[row, start: start + len(segment)] = torch.arange(len(segment), device=device)
-        cols = torch.arange(width, device=device)
-        allowed = (owner[:, :, None] == owner[:, None, :]) & (owner[:, :, None] >= 0) & (cols[:, None] >= cols[None, :])
-        allowed |= torch.eye(width, dtype=torch.bool, device=device)  # pads see themselves, never nothing
-
-        states: SourceStates = {key: {} for key in wanted}
-        picks: dict[int, list[tuple[tuple[tuple[int, ...], int], int, int]]] = {}
+        # Rows share a stream while they have seen the same tokens: at first, the same target and shard.
+        group_ids: dict[Any, int] = {}
+        groups = [group_ids.setdefault((row.target_ids, row.split, shard_of[r]), len(group_ids)) for r, row in enumerate(rows)]
+        patch_layers = [row.patch_layer if row.source is not None else None for row in rows]
+        plan = StreamPlan(range(len(rows)), groups, patch_layers, self.model.n_layers)
+        layout = PackedLayout(plan, spans, segments, n_packed)
+        captures: dict[int, list[tuple[Any, int, int]]] = {}
         for key, layers in wanted.items():
-            row, start = placed[key[0]]
             for layer in layers:
-                picks.setdefault(layer, []).append((key, row, start + key[1]))
+                captures.setdefault(layer, []).append((key, segment_of[key[0]], key[1]))
+        patches = [
+            Patch(r, row.patch_layer, partial(vector_of, r), row.strength)
+            for r, row in enumerate(rows)
+            if row.source is not None and row.patch_layer is not None and vector_of is not None
+        ]
+        logits, kv = forward_opening(self.model, layout, captures, states, patches)
+        prefix_width = max((row.split for row in rows), default=0)
+        span_width = max((len(row.target_ids) - row.split for row in rows), default=0)
+        stores = [layout.stream_kv(j, kv[j], prefix_width, span_width) for j in range(self.model.n_layers)] if rows else []
+        return plan, groups, group_ids, logits, stores, prefix_width, span_width
 
-        def keep(layer: int, module: Any, args: Any, output: Any) -> None:
-            hidden = output[0] if isinstance(output, tuple) else output
-            for key, row, col in picks[layer]:
-                states[key][layer] = hidden[row, col].detach().clone()
+    @staticmethod
+    def _pack(
+        rows: list[_Row], wanted: dict[tuple[tuple[int, ...], int], set[int]]
+    ) -> tuple[list[tuple[tuple[int, ...], int]], dict[int, Span], list[int], int]:
+        """Lay out the opening pass: (segment, packed row) list, each row's span, its shard, packed rows.
 
-        dtype = next(self.model.hf.parameters()).dtype
-        layers = self.model.plain_layers
-        handles = [layers[layer].register_forward_hook(partial(keep, layer)) for layer in picks]
-        try:
-            out = self.model.plain.base_model(
-                input_ids=ids, attention_mask=_float_mask(allowed, dtype), position_ids=positions, use_cache=bool(prefixes)
-            )
-        finally:
-            for handle in handles:
-                handle.remove()
-        kv: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        for prefix in prefixes:
-            row, start = placed[prefix]
-            span = slice(start, start + len(prefix))
-            kv[prefix] = [(layer.keys[row: row + 1, :, span], layer.values[row: row + 1, :, span]) for layer in out.past_key_values.layers]
-        return kv, states
+        A prefix and the spans that see it must share a packed row; when their spans grow longer
+        than another copy of the prefix (or the PACK_TOKENS budget), the rest go to a new shard with
+        its own copy. Source prompts that are not already a prefix are segments of their own.
+        """
+        units: list[tuple[tuple[int, ...], list[int]]] = []
+        by_prefix: dict[Any, list[int]] = {}
+        for r, row in enumerate(rows):
+            by_prefix.setdefault(row.target_ids[: row.split] or ("no prefix", row.target_ids), []).append(r)
+        for members in by_prefix.values():
+            prefix = rows[members[0]].target_ids[: rows[members[0]].split]
+            budget = max(PACK_TOKENS - len(prefix), len(prefix))
+            shard: list[int] = []
+            spans_length = 0
+            for r in members:
+                length = len(rows[r].target_ids) - rows[r].split
+                if shard and spans_length + length > budget:
+                    units.append((prefix, shard))
+                    shard, spans_length = [], 0
+                shard.append(r)
+                spans_length += length
+            units.append((prefix, shard))
+        prefixes = {prefix for prefix, _ in units}
+        units += [(ids, []) for ids in dict.fromkeys(ids for ids, _ in wanted) if ids not in prefixes]
+
+        size = [len(prefix) + sum(len(rows[r].target_ids) - rows[r].split for r in members) for prefix, members in units]
+        cap = max([PACK_TOKENS, *size])
+        fill: list[int] = []
+        segments: list[tuple[tuple[int, ...], int]] = []
+        spans: dict[int, Span] = {}
+        shard_of = [0] * len(rows)
+        for number, ((prefix, members), used) in enumerate(zip(units, size)):
+            packed = next((k for k, taken in enumerate(fill) if taken + used <= cap), len(fill))
+            if packed == len(fill):
+                fill.append(0)
+            fill[packed] += used
+            if prefix:
+                segments.append((prefix, packed))
+            for r in members:
+                row = rows[r]
+                spans[r] = Span(row.target_ids[row.split:], row.split, packed, len(segments) - 1 if prefix else None)
+                shard_of[r] = number
+        return segments, spans, shard_of, len(fill)
 
     # ---- batching --------------------------------------------------------------------------
     def _row_bytes(self, row: _Row) -> int:
@@ -202,8 +224,8 @@ class Engine:
     def run_rows(self, rows: list[_Row], states: SourceStates, progress: ProgressCallback | None = None) -> list[_RowOutput]:
         """Run `rows` chunk by chunk; `states` holds known source states and gains those captured.
 
-        The first chunk's prefill also captures every missing source state of the whole job, and
-        every mapping is applied (and checked) before any patched pass runs.
+        The first chunk's opening pass also captures every missing source state of the whole job,
+        and every mapping is applied (and checked) before a second chunk runs.
         """
         outputs: list[_RowOutput | None] = [None] * len(rows)
         chunks = self._chunks(rows)
@@ -211,79 +233,59 @@ class Engine:
         for row in rows:
             if row.source is not None and row.source_layer not in states.get(row.source, {}):
                 wanted.setdefault(row.source, set()).add(row.source_layer)
-        vectors: list[Any] = []
+        # A patch is written after its target layer; a state from a higher source layer must exist by then.
+        if any(rows[k].source in wanted and rows[k].source_layer > (rows[k].patch_layer or 0) for k in chunks[0]):
+            self._opening([], wanted, states, None)
+            wanted = {}
+        vectors: dict[int, Any] = {}
+
+        def vector_of(k: int) -> Any:
+            if k not in vectors:
+                row = rows[k]
+                vectors[k] = apply_mapping(row.mapping, states[row.source][row.source_layer], self.model.d_model)  # type: ignore[index]
+            return vectors[k]
+
         total = sum(row.max_new_tokens for row in rows)
         done = 0
         for number, chunk in enumerate(chunks):
-            prefixes = (rows[k].target_ids[: rows[k].split] for k in chunk if rows[k].split)
-            kv, captured = self._prefill(prefixes, wanted if number == 0 else {})
-            if number == 0:
-                for key, layers in captured.items():
-                    states.setdefault(key, {}).update(layers)
-                vectors = [
-                    None if row.source is None else apply_mapping(row.mapping, states[row.source][row.source_layer], self.model.d_model)
-                    for row in rows
-                ]
-            for k, out in zip(chunk, self._run_chunk([rows[k] for k in chunk], [vectors[k] for k in chunk], kv)):
+            results = self._run_chunk([rows[k] for k in chunk], wanted if number == 0 else {}, states, lambda r, chunk=chunk: vector_of(chunk[r]))
+            for k, out in zip(chunk, results):
                 outputs[k] = out
+            if number == 0:
+                for k, row in enumerate(rows):
+                    if row.source is not None:
+                        vector_of(k)
             done += sum(rows[k].max_new_tokens for k in chunk)
             if progress is not None:
                 progress(done, total)
         return [o for o in outputs if o is not None]
 
-    def _run_chunk(self, rows: list[_Row], vectors: list[Any], prefixes: dict[tuple[int, ...], Any]) -> list[_RowOutput]:
-        """The patched pass and greedy decoding of one chunk, rows sharing streams where they agree.
-
-        `vectors[r]` is row r's mapped source state (None for a clean row); `prefixes` the prefill's
-        keys/values of every prefix in the chunk.
-        """
+    def _run_chunk(
+        self, rows: list[_Row], wanted: dict[tuple[tuple[int, ...], int], set[int]], states: SourceStates, vector_of: Callable[[int], Any]
+    ) -> list[_RowOutput]:
+        """The opening pass and greedy decoding of one chunk, rows sharing streams where they agree."""
         import torch
 
         model, device = self.model, self.model.device
         dtype = next(model.hf.parameters()).dtype
         n = len(rows)
-        pre_len = [r.split for r in rows]
-        suf_len = [len(r.target_ids) - r.split for r in rows]
-        lp, ls = max(pre_len), max(suf_len)
-        width = lp + ls
-        # Layout per row: [pad][prefix] | [pad][suffix]; every prompt ends in the same column.
-        valid = torch.zeros(n, width, dtype=torch.bool, device=device)
-        suffix_ids = torch.full((n, ls), model.pad_token_id, dtype=torch.long, device=device)
-        suffix_pos = torch.zeros(n, ls, dtype=torch.long, device=device)
-        patches: list[Patch] = []
+        plan, groups, group_ids, logits, stores, lp, ls = self._opening(rows, wanted, states, vector_of)
+        logits = logits.float()  # type: ignore[union-attr]
+        scores = [self._scores(logits[plan.final[r]], row.score_ids) for r, row in enumerate(rows)]
+
+        # Decoding layout per row: [pad][prefix] | [pad][suffix] | new tokens; every prompt ends in one column.
+        valid = torch.zeros(n, lp + ls, dtype=torch.bool, device=device)
         for r, row in enumerate(rows):
-            valid[r, lp - pre_len[r]: lp] = True
-            valid[r, width - suf_len[r]:] = True
-            suffix_ids[r, ls - suf_len[r]:] = torch.tensor(row.target_ids[row.split:], device=device)
-            suffix_pos[r, ls - suf_len[r]:] = torch.arange(row.split, len(row.target_ids), device=device)
-            if vectors[r] is not None and row.patch_layer is not None:
-                patches.append(Patch(r, row.patch_layer, ls - suf_len[r], vectors[r], row.strength))
-
-        # Rows share a stream while they have seen the same tokens: at first, the same target.
-        group_ids: dict[Any, int] = {}
-        groups = [group_ids.setdefault((row.target_ids, row.split), len(group_ids)) for row in rows]
-        patch_layers = [row.patch_layer if vectors[r] is not None else None for r, row in enumerate(rows)]
-        plan = StreamPlan(range(n), groups, patch_layers, model.n_layers)
-        stores = self._prefix_stores(rows, prefixes, plan, lp)
-
-        # The patched pass: causal over valid keys; every query also sees itself (pads never go all-masked).
-        cols = torch.arange(width, device=device)
-        q_cols = cols[lp:]
-        allowed = valid[:, None, :] & (cols[None, None, :] <= q_cols[None, :, None])
-        allowed |= cols[None, None, :] == q_cols[None, :, None]
+            valid[r, lp - row.split: lp] = True
+            valid[r, lp + ls - (len(row.target_ids) - row.split):] = True
+        last_pos = torch.tensor([len(row.target_ids) - 1 for row in rows], device=device)
         # One layout for every row (a sweep's single target): one mask and one set of positions
         # broadcast over all streams, instead of one per stream.
         uniform = len({(row.split, len(row.target_ids)) for row in rows}) == 1
-        first = torch.tensor(plan.reps[0], device=device)
-        layout = first[:1] if uniform else first
-        logits = forward_streams(
-            model, plan, stores, suffix_ids[first], suffix_pos[layout], _float_mask(allowed[layout], dtype), patches
-        ).float()
-        scores = [self._scores(logits[plan.final[r]], row.score_ids) for r, row in enumerate(rows)]
+        patch_layers = [row.patch_layer if row.source is not None else None for row in rows]
 
         tokens: list[list[int]] = [[] for _ in range(n)]
         stopped_text: dict[int, str] = {}  # rows cut at a stop string
-        last_pos = suffix_pos[:, -1]
         active = list(range(n))
         for step in range(max(row.max_new_tokens for row in rows)):
             best = logits.argmax(dim=-1).tolist()
@@ -331,31 +333,6 @@ class Engine:
             return {}
         logprobs = torch.log_softmax(logits, dim=-1)
         return {t: (float(logprobs[t]), int((logprobs > logprobs[t]).sum())) for t in token_ids}
-
-    def _prefix_stores(self, rows: list[_Row], prefixes: dict[tuple[int, ...], Any], plan: StreamPlan, width: int) -> list[LayerKV]:
-        """Each layer's key/value store for its streams, filled with their shared prefixes (left-padded)."""
-        import torch
-
-        if not width:
-            return [LayerKV(None, None) for _ in range(self.model.n_layers)]
-        order = {prefix: k for k, prefix in enumerate(prefixes)}
-        stores = []
-        for j in range(self.model.n_layers):
-            keys, values = [], []
-            for prefix in order:
-                k, v = prefixes[prefix][j]
-                pad = width - k.shape[-2]
-                keys.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))
-                values.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
-            keys.append(torch.zeros_like(keys[0]))  # rows patched at position 0 have no prefix
-            values.append(torch.zeros_like(values[0]))
-            index = []
-            for r in plan.reps[j]:
-                prefix = rows[r].target_ids[: rows[r].split]
-                index.append(order[prefix] if prefix else len(order))
-            pick = torch.tensor(index, device=self.model.device)
-            stores.append(LayerKV(torch.cat(keys)[pick], torch.cat(values)[pick]))
-        return stores
 
 
 def build_rows(

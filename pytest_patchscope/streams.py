@@ -7,20 +7,24 @@ thing. Each layer therefore runs once per *stream*: one per distinct (target, to
 those rows, plus one per row whose patch lies below j. A row's stream branches off its trunk right
 after its patch layer, which is where the patch is written.
 
-In a layer sweep this halves the patched pass and cuts every decoding step by the rows whose texts
-agree so far. Only the batch a layer sees changes; each stream's arithmetic is that of the row
-alone, so results equal the probe run by itself.
+In a layer sweep this halves the work on T[i*:] in the opening pass and cuts every decoding step
+by the rows whose texts agree so far. Only what a layer sees together changes; each stream's
+arithmetic is that of the row alone, so results equal the probe run by itself.
 
-Mechanics: for one forward of the plain HF twin, a pre-hook on each decoder layer gives it its own
-streams' attention mask, positions and key/value store, and a hook after it widens its output to the
-next layer's streams and writes the patches placed there. Every hook is removed when the pass ends.
+Two mechanics, both hooks on the plain HF twin's decoder layers that are removed when the pass ends:
+- The opening pass (`forward_opening`) packs everything into few sequences (`PackedLayout`): shared
+  prefixes and source prompts as segments, then one span of T[i*:] per stream. A pre-hook gives each
+  layer its stage's mask and positions; a hook after it captures source states, copies spans to the
+  next stage's streams and writes the patches placed there.
+- A decoding pass (`forward_streams`) has one sequence per stream: a pre-hook gives each layer its
+  own streams' key/value store, and a hook after it widens its output to the next layer's streams.
 """
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -53,7 +57,7 @@ class LayerKV:
     def select(self, index: "torch.Tensor | None") -> None:
         """Keep (and repeat) streams by index: a trunk that splits hands its history to each branch."""
         if index is not None and self.keys is not None:
-            self.keys, self.values = self.keys[index], self.values[index]
+            self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
 
 
 class StreamPlan:
@@ -110,13 +114,160 @@ class StreamPlan:
 
 @dataclass(frozen=True)
 class Patch:
-    """h <- (1 - strength) * h + strength * vector, at column `column` of row `row`, after layer `layer`."""
+    """h <- (1 - strength) * h + strength * vector(), at the first span token of `row`, after layer `layer`.
+
+    `vector` is called when the patch is written: the source state it maps may be captured in the
+    same pass, at this layer or below.
+    """
 
     row: int
     layer: int
-    column: int
-    vector: Any
+    vector: Callable[[], Any]
     strength: float
+
+
+@dataclass(frozen=True)
+class Span:
+    """A row's own tokens in the opening pass, T[split:], which see its prefix segment (if any)."""
+
+    ids: tuple[int, ...]
+    first_position: int
+    packed_row: int
+    prefix: int | None
+
+
+class _StageTokens:
+    """One stage's token table: where each stream's span starts, and per token what a layer needs."""
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self.spans: list[int] = []  # stream -> flat index of its span's first token
+        self.ids: list[list[int]] = []  # token ids (read at stage 0 only)
+        self.origin: list[list[int]] = []  # flat index of the same token at stage 0
+        self.parent: list[list[int]] = []  # flat index of the token it copies at the previous stage
+        self.seg: list[list[int]] = []  # its segment or stream: it sees that one's earlier tokens...
+        self.pre: list[list[int]] = []  # ...and all of this segment (its prefix), -1 for none
+        self.pos: list[list[int]] = []  # its position in its own prompt
+        self.tensors: dict[str, Any] = {}
+
+
+class PackedLayout:
+    """Where every token of the opening pass sits, stage by stage.
+
+    Each packed row holds its segments first (shared prefixes and source prompts, which never move)
+    and then one span per stream placed in it; a stream branching off at stage j gets a copy of its
+    parent's span. A token sees the earlier tokens of its own segment or span and all of its span's
+    prefix segment; positions restart in every segment, so each sees exactly what it would alone.
+    """
+
+    def __init__(self, plan: StreamPlan, spans: dict[int, Span], segments: Sequence[tuple[tuple[int, ...], int]], n_packed: int) -> None:
+        self.plan, self.row_spans, self.n_packed = plan, spans, n_packed
+        self.segments = list(segments)
+        self.segment_cols: list[tuple[int, int]] = []  # segment -> (packed row, first column)
+        used = [0] * n_packed
+        for ids, packed in self.segments:
+            self.segment_cols.append((packed, used[packed]))
+            used[packed] += len(ids)
+        self.stages: list[_StageTokens] = []
+        for stage in range(len(plan.reps)):
+            if stage and plan.reps[stage] is plan.reps[stage - 1]:
+                self.stages.append(self.stages[-1])
+            else:
+                self.stages.append(self._build(stage))
+
+    def _build(self, stage: int) -> _StageTokens:
+        plan = self.plan
+        first = self.stages[0] if stage else None
+        previous = self.stages[-1] if stage else None
+        # per packed row: (token id, origin, parent, seg, pre, pos); origin/parent of spans as (stream, t)
+        rows: list[list[tuple[int, Any, Any, int, int, int]]] = [[] for _ in range(self.n_packed)]
+        for k, (ids, packed) in enumerate(self.segments):
+            col = self.segment_cols[k][1]
+            rows[packed].extend((ids[t], ("col", col + t), ("col", col + t), k, -1, t) for t in range(len(ids)))
+        starts = []
+        for s, rep in enumerate(plan.reps[stage]):
+            span = self.row_spans[rep]
+            starts.append((span.packed_row, len(rows[span.packed_row])))
+            rows[span.packed_row].extend(
+                (span.ids[t], ("span", plan.stream_of[0][rep], t), ("span", plan.stream_of[stage - 1][rep] if stage else 0, t),
+                 len(self.segments) + s, -1 if span.prefix is None else span.prefix, span.first_position + t)
+                for t in range(len(span.ids))
+            )
+        tokens = _StageTokens(max(1, max(map(len, rows))))
+        width = tokens.width
+        tokens.spans = [b * width + c for b, c in starts]
+        next_pad = len(self.segments) + len(starts)
+
+        def flat(where: tuple, b: int, table: _StageTokens | None) -> int:
+            if table is None:  # stage 0 is its own origin and has no parent
+                return -1
+            if where[0] == "col":
+                return b * table.width + where[1]
+            return table.spans[where[1]] + where[2]
+
+        for b, entries in enumerate(rows):
+            ids, origin, parent, seg, pre, pos = [], [], [], [], [], []
+            for token, where_first, where_previous, segment, prefix, position in entries:
+                ids.append(token)
+                origin.append(flat(where_first, b, first))
+                parent.append(flat(where_previous, b, previous))
+                seg.append(segment), pre.append(prefix), pos.append(position)
+            while len(ids) < width:  # pads see only themselves
+                ids.append(0), origin.append(b * first.width if first else -1), parent.append(b * previous.width if previous else -1)
+                seg.append(next_pad), pre.append(-1), pos.append(0)
+                next_pad += 1
+            tokens.ids.append(ids), tokens.origin.append(origin), tokens.parent.append(parent)
+            tokens.seg.append(seg), tokens.pre.append(pre), tokens.pos.append(pos)
+        return tokens
+
+    def tensor(self, stage: int, name: str, device: Any, dtype: Any = None) -> "torch.Tensor":
+        """A stage's table as a tensor, built once: origin/parent (flat indices), positions, or the float mask."""
+        import torch
+
+        tokens = self.stages[stage]
+        if name not in tokens.tensors:
+            if name == "mask":
+                seg = torch.tensor(tokens.seg, device=device)
+                pre = torch.tensor(tokens.pre, device=device)
+                pos = torch.tensor(tokens.pos, device=device)
+                allowed = (seg[:, None, :] == seg[:, :, None]) & (pos[:, None, :] <= pos[:, :, None])
+                allowed |= seg[:, None, :] == pre[:, :, None]
+                value = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+            else:
+                value = torch.tensor(getattr(tokens, name), device=device)
+            tokens.tensors[name] = value
+        return tokens.tensors[name]
+
+    def stream_kv(self, stage: int, store: LayerKV, prefix_width: int, span_width: int) -> LayerKV:
+        """A layer's keys/values of the opening pass, one row per stream, laid out [pad][prefix][pad][span]."""
+        import torch
+
+        tokens = self.stages[stage]
+        key = ("kv", prefix_width, span_width)
+        if key not in tokens.tensors:
+            index = []
+            for s, rep in enumerate(self.plan.reps[stage]):
+                span = self.row_spans[rep]
+                prefix = [] if span.prefix is None else [self.segment_token(stage, span.prefix, t) for t in range(len(self.segments[span.prefix][0]))]
+                own = [tokens.spans[s] + t for t in range(len(span.ids))]
+                index.append([0] * (prefix_width - len(prefix)) + prefix + [0] * (span_width - len(own)) + own)
+            tokens.tensors[key] = torch.tensor(index, device=store.keys.device)
+        pick = tokens.tensors[key]
+
+        def per_stream(x: "torch.Tensor") -> "torch.Tensor":
+            rows = x.transpose(1, 2).flatten(0, 1).index_select(0, pick.flatten())
+            return rows.view(*pick.shape, *rows.shape[1:]).transpose(1, 2)
+
+        return LayerKV(per_stream(store.keys), per_stream(store.values))
+
+    def segment_token(self, stage: int, segment: int, index: int) -> int:
+        """Flat index, at `stage`, of token `index` of a segment."""
+        packed, col = self.segment_cols[segment]
+        return packed * self.stages[stage].width + col + index
+
+    def span_token(self, stage: int, row: int, index: int) -> int:
+        """Flat index, at `stage`, of token `index` of `row`'s stream span."""
+        return self.stages[stage].spans[self.plan.stream_of[stage][row]] + index
 
 
 def _take(value: Any, index: "torch.Tensor", batch: int) -> Any:
@@ -124,7 +275,7 @@ def _take(value: Any, index: "torch.Tensor", batch: int) -> Any:
     import torch
 
     if isinstance(value, torch.Tensor):
-        return value[index] if value.dim() and value.shape[0] == batch else value
+        return value.index_select(0, index) if value.dim() and value.shape[0] == batch else value
     if isinstance(value, (tuple, list)):
         return type(value)(_take(v, index, batch) for v in value)
     if isinstance(value, dict):
@@ -145,6 +296,102 @@ def _positional_names(layer: Any) -> list[str]:
     return _POSITIONAL_NAMES[cls]
 
 
+def _gather_tokens(value: Any, origin: "torch.Tensor", batch: int, width: int) -> Any:
+    """A per-token layer input of stage 0, (batch, width, ...), re-laid out to another stage's tokens."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        if value.dim() < 2 or value.shape[1] != width or value.shape[0] not in (1, batch):
+            return value
+        flat = value.expand(batch, *value.shape[1:]).flatten(0, 1)
+        return flat.index_select(0, origin.flatten()).view(*origin.shape, *value.shape[2:])
+    if isinstance(value, (tuple, list)):
+        return type(value)(_gather_tokens(v, origin, batch, width) for v in value)
+    return value
+
+
+def forward_opening(
+    model: "PatchscopeModel",
+    layout: PackedLayout,
+    captures: dict[int, list[tuple[Any, int, int]]],
+    states: dict[Any, dict[int, Any]],
+    patches: Sequence[Patch] = (),
+) -> tuple["torch.Tensor | None", list[LayerKV]]:
+    """The opening pass: every segment and every stream's span, packed, in one pass of the plain twin.
+
+    Fills `states[key][layer]` for `captures` ({layer: [(key, segment, token index)]}) and writes the
+    patches; returns the last-span-token logits per final stream (None without streams) and each
+    layer's keys/values over its stage's tokens.
+    """
+    import torch
+
+    device = model.device
+    dtype = next(model.hf.parameters()).dtype
+    plan = layout.plan
+    batch, first = layout.n_packed, layout.stages[0]
+    by_layer: dict[int, list[Patch]] = {}
+    for patch in patches:
+        by_layer.setdefault(patch.layer, []).append(patch)
+    stores = [LayerKV(None, None) for _ in model.plain_layers]
+    final = len(layout.stages) - 1
+    last = torch.tensor([layout.span_token(final, rep, len(layout.row_spans[rep].ids) - 1) for rep in plan.reps[-1]], device=device, dtype=torch.long)
+
+    def enter(layer_index: int, module: Any, args: tuple, kwargs: dict) -> tuple:
+        kwargs = dict(kwargs)
+        kwargs.update(zip(_positional_names(module), args[1:]))
+        stage = layout.stages[layer_index]
+        if stage is not first:
+            origin = layout.tensor(layer_index, "origin", device)
+            for name in ("position_ids", "position_embeddings"):
+                if name in kwargs:
+                    kwargs[name] = _gather_tokens(kwargs[name], origin, batch, first.width)
+        kwargs["attention_mask"] = layout.tensor(layer_index, "mask", device, dtype)
+        kwargs["past_key_values"] = stores[layer_index]
+        return args[:1], kwargs
+
+    def leave(layer_index: int, module: Any, args: tuple, output: Any) -> Any:
+        hidden = output[0] if isinstance(output, tuple) else output
+        for key, segment, index in captures.get(layer_index, ()):
+            states.setdefault(key, {})[layer_index] = hidden.flatten(0, 1)[layout.segment_token(layer_index, segment, index)].clone()
+        stage = layer_index + 1
+        if layout.stages[stage] is not layout.stages[layer_index]:
+            parent = layout.tensor(stage, "parent", device)
+            hidden = hidden.flatten(0, 1).index_select(0, parent.flatten()).view(*parent.shape, hidden.shape[-1])
+        placed = by_layer.get(layer_index, [])
+        if placed:
+            flat = hidden.view(-1, hidden.shape[-1])
+            at = torch.tensor([layout.span_token(stage, p.row, 0) for p in placed], device=device)
+            vectors = torch.stack([p.vector() for p in placed]).to(device=device, dtype=hidden.dtype)
+            strength = torch.tensor([p.strength for p in placed], device=device, dtype=hidden.dtype)[:, None]
+            clean = flat[at]
+            flat[at] = clean + strength * (vectors - clean)
+        if stage == final and plan.reps[-1]:
+            # Only each final stream's last token goes on to the final norm and the logits, in a shape
+            # whose length is stage 0's (GPT-2 views its output as the input's shape).
+            keep = hidden.flatten(0, 1).index_select(0, last)
+            padding = (-len(last)) % first.width
+            hidden = torch.cat([keep, keep[:1].expand(padding, -1)]).view(-1, first.width, keep.shape[-1])
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handles = []
+    try:
+        for j, layer in enumerate(model.plain_layers):
+            handles.append(layer.register_forward_pre_hook(partial(enter, j), with_kwargs=True))
+            handles.append(layer.register_forward_hook(partial(leave, j)))
+        hidden = model.plain.base_model(
+            input_ids=layout.tensor(0, "ids", device),
+            attention_mask=layout.tensor(0, "mask", device, dtype),
+            position_ids=layout.tensor(0, "pos", device),
+            use_cache=False,
+        ).last_hidden_state
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not plan.reps[-1]:
+        return None, stores
+    return model.plain.get_output_embeddings()(hidden.flatten(0, 1)[: len(last)]), stores
+
+
 def forward_streams(
     model: "PatchscopeModel",
     plan: StreamPlan,
@@ -152,9 +399,8 @@ def forward_streams(
     input_ids: "torch.Tensor",
     position_ids: "torch.Tensor",
     attention_mask: "torch.Tensor",
-    patches: Sequence[Patch] = (),
 ) -> "torch.Tensor":
-    """One pass of the plain twin over stage 0's streams; returns last-position logits per final stream.
+    """One decoding pass of the plain twin over stage 0's streams; returns logits per final stream.
 
     `input_ids` holds one row per stage-0 stream; `position_ids` and the 4D float `attention_mask`
     hold one too, or a single row that every stream shares (then nothing needs narrowing).
@@ -168,10 +414,6 @@ def forward_streams(
     def tensor(index: list[int] | None) -> torch.Tensor | None:
         return None if index is None else torch.tensor(index, device=device)
 
-    by_layer: dict[int, list[Patch]] = {}
-    for patch in patches:
-        by_layer.setdefault(patch.layer, []).append(patch)
-
     def enter(layer_index: int, narrow: torch.Tensor | None, module: Any, args: tuple, kwargs: dict) -> tuple:
         kwargs = dict(kwargs)
         kwargs.update(zip(_positional_names(module), args[1:]))  # name what GPT-2 passes by position
@@ -182,17 +424,10 @@ def forward_streams(
         kwargs["past_key_values"] = stores[layer_index]
         return args[:1], kwargs
 
-    def leave(widen: torch.Tensor | None, placed: list[Patch], stage: int, module: Any, args: tuple, output: Any) -> Any:
+    def leave(widen: torch.Tensor | None, module: Any, args: tuple, output: Any) -> Any:
         hidden = output[0] if isinstance(output, tuple) else output
         if widen is not None:
-            hidden = hidden[widen]
-        if placed:
-            rows = torch.tensor([plan.stream_of[stage][p.row] for p in placed], device=device)
-            cols = torch.tensor([p.column for p in placed], device=device)
-            vectors = torch.stack([p.vector for p in placed]).to(device=device, dtype=hidden.dtype)
-            strength = torch.tensor([p.strength for p in placed], device=device, dtype=hidden.dtype)[:, None]
-            clean = hidden[rows, cols]
-            hidden[rows, cols] = clean + strength * (vectors - clean)
+            hidden = hidden.index_select(0, widen)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     handles = []
@@ -200,7 +435,7 @@ def forward_streams(
         for j, layer in enumerate(model.plain_layers):
             narrow = None if shared_layout else tensor(plan.to_first(j))
             handles.append(layer.register_forward_pre_hook(partial(enter, j, narrow), with_kwargs=True))
-            handles.append(layer.register_forward_hook(partial(leave, tensor(plan.widen(j + 1)), by_layer.get(j, []), j + 1)))
+            handles.append(layer.register_forward_hook(partial(leave, tensor(plan.widen(j + 1)))))
         out = model.plain(
             input_ids=input_ids,
             attention_mask=attention_mask,

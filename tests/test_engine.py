@@ -73,6 +73,28 @@ def test_memory_chunking_does_not_change_results(tiny_llama):
     assert len(seen) > 2 and seen[-1][0] == seen[-1][1], "small memory bound should give several chunks"
 
 
+def test_packing_into_several_rows_and_shards_does_not_change_results(tiny_model, monkeypatch):
+    """With a tiny packing budget the opening pass spreads prefixes and sources over several packed
+    rows and splits a prefix's spans into shards, each with its own copy of the prefix."""
+    import pytest_patchscope.engine as engine_module
+
+    scope = Patchscope(tiny_model)
+    probes = probes_mixed(tiny_model.n_layers) + [
+        Probe("Tokyo", TARGETS[1], layer=layer, target_position=3, max_new_tokens=4) for layer in range(tiny_model.n_layers)
+    ]
+    roomy = scope.run(probes)
+    monkeypatch.setattr(engine_module, "PACK_TOKENS", 8)
+    packed_rows: list[int] = []
+    handle = tiny_model.plain_layers[0].register_forward_pre_hook(lambda module, args: packed_rows.append(args[0].shape[0]))
+    try:
+        tight = scope.run(probes)
+    finally:
+        handle.remove()
+    assert max(packed_rows) > 2, "the opening pass should have used several packed rows"
+    for probe, a, b in zip(probes, roomy, tight):
+        assert a.tokens == b.tokens and a.clean_tokens == b.clean_tokens, probe.describe()
+
+
 def test_strength_zero_is_clean_and_strength_interpolates(tiny_llama):
     scope = Patchscope(tiny_llama)
     kwargs = dict(layer=1, target_position=Placeholder("x"), max_new_tokens=6)
@@ -184,11 +206,11 @@ def test_stop_strings_and_max_new_tokens(tiny_llama):
     assert stop not in cut.text and long.text.startswith(cut.text)
 
 
-@pytest.mark.parametrize("fail_at_call", [1, 2, 4], ids=["in-the-prefill", "in-the-patched-pass", "while-decoding"])
+@pytest.mark.parametrize("fail_at_call", [1, 2, 4], ids=["in-the-opening-pass", "first-decoding-step", "later-decoding-step"])
 def test_no_hook_is_left_after_a_probe_raises_mid_generation(tiny_llama, fail_at_call):
-    """Forward calls: 1 packed prefill (source + prefix, capture hooks on), 2 patched pass (stream
-    hooks on), 3+ decoding. Every pass runs on the plain twin; the failure is injected into the
-    final norm of both models."""
+    """Forward calls: 1 the opening pass (source, prefix and patched span packed; capture, patch and
+    stream hooks on), 2+ decoding (stream hooks on). Every pass runs on the plain twin; the failure
+    is injected into the final norm of both models."""
     scope = Patchscope(tiny_llama)
     before = scope.generate("Tokyo", "The capital city of x is", layer=1, target_position=Placeholder("x"), max_new_tokens=5)
     calls = {"n": 0}

@@ -44,12 +44,13 @@ def test_finished_rows_leave_their_streams():
 
 
 def test_each_layer_runs_once_per_stream_in_a_sweep(tiny_llama):
-    """The patched pass of an n-layer sweep: layer j sees j + 1 streams (rows below it, one trunk)."""
+    """The opening pass of an n-layer sweep packs prefix, source and streams into one row: layer j
+    sees one more stream (one more copy of T[i*:]) than layer j - 1, i.e. the rows below it plus one trunk."""
     scope = Patchscope(tiny_llama)
     n = tiny_llama.n_layers
-    seen: dict[int, list[int]] = {j: [] for j in range(n)}
+    seen: dict[int, list[tuple[int, ...]]] = {j: [] for j in range(n)}
     handles = [
-        layer.register_forward_pre_hook(lambda module, args, j=j: seen[j].append(args[0].shape[0]))
+        layer.register_forward_pre_hook(lambda module, args, j=j: seen[j].append(tuple(args[0].shape[:2])))
         for j, layer in enumerate(tiny_llama.plain_layers)
     ]
     try:
@@ -57,8 +58,13 @@ def test_each_layer_runs_once_per_stream_in_a_sweep(tiny_llama):
     finally:
         for handle in handles:
             handle.remove()
-    # calls: [prefix pass, patched pass, decoding...]; the patched pass is the second
-    assert [seen[j][1] for j in range(n)] == [j + 1 for j in range(n)]
+    target = tiny_llama.tokenize("The capital city of x is")
+    source = tiny_llama.tokenize("Tokyo")
+    opening = [seen[j][0] for j in range(n)]  # calls: [opening pass, decoding...]
+    assert all(batch == 1 for batch, _ in opening)
+    suffix = opening[1][1] - opening[0][1]
+    assert suffix >= 1 and [width for _, width in opening] == [opening[0][1] + j * suffix for j in range(n)]
+    assert opening[0][1] == len(target) + len(source)  # prefix + one trunk span + the source prompt
     assert active_hooks(tiny_llama) == []
 
 
