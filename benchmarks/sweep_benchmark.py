@@ -5,6 +5,9 @@ Workload (a), a layer sweep: source "Albert Einstein" (i = its last token), targ
 ENTITY_DESCRIPTION prompt (i* = its final " x"), l* = l for every layer l, greedy, 10 new tokens.
 
     ours          Patchscope.sweep(source, ENTITY_DESCRIPTION, layers=range(L), max_new_tokens=10, stop=())
+                  (30 patched rows plus the target's unpatched continuation, one more row)
+    ours_lean     the same with clean=False: exactly the 30 patched rows every other method runs
+                  (timed in the paired rounds only)
     tl_loop       naive TransformerLens: run_with_cache(source), then per layer a prompt-only hook on
                   blocks.{l}.hook_out and one bridge.generate(...) (batch 1, KV cache, greedy)
     tl_batched    TransformerBridge.generate of the same L target rows, no patch (a reference point)
@@ -21,7 +24,7 @@ Every method runs in its own child process (`--method NAME`), so its peak RSS ca
 the child resets the kernel's high-water mark (/proc/self/clear_refs) once its model is loaded and
 reports VmHWM - VmRSS(at that point), i.e. the peak memory the method itself added.
 
-Then one more child times the fast methods (ours, tl_batched, hf, nnsight) together, one run each
+Then one more child times the fast methods (ours, ours_lean, tl_batched, hf, nnsight) together, one run each
 per round in a rotating order (--paired-rounds, default 8). A shared machine's speed drifts over
 minutes; alternating runs see the same drift, so the targets are judged on the median of these
 paired per-round ratios (tl_loop, too slow to alternate, is compared across processes).
@@ -49,7 +52,7 @@ SOURCE = "Albert Einstein"
 DEFAULT_BATCH_MEMORY_MB = 2048  # pytest_patchscope.engine's default; read from it when importable
 ALL_METHODS = ("ours", "tl_loop", "tl_batched", "hf", "nnsight", "ours_grid", "ours_grid_bounded", "hf_grid")
 BRIDGE_METHODS = ("ours", "ours_grid", "ours_grid_bounded", "tl_loop", "tl_batched")
-PAIRED_METHODS = ("ours", "tl_batched", "hf", "nnsight")  # the fast sweep methods, also timed in alternation
+PAIRED_METHODS = ("ours", "ours_lean", "tl_batched", "hf", "nnsight")  # the fast sweep methods, timed in alternation
 TARGETS = (  # (baseline, required speed-up of ours over it)
     ("hf", 1 / 0.6),
     ("nnsight", 2.0),
@@ -206,7 +209,10 @@ def run_paired(args: argparse.Namespace) -> dict[str, Any]:
             started = time.perf_counter()
             built[m][0]()
             times[m].append(round(time.perf_counter() - started, 3))
-    ratios = {m: [round(o / b, 3) for o, b in zip(times["ours"], times[m])] for m in methods if m != "ours"}
+    ratios = {
+        mine: {m: [round(o / b, 3) for o, b in zip(times[mine], times[m])] for m in methods if not m.startswith("ours")}
+        for mine in ("ours", "ours_lean")
+    }
     return {"method": "paired", "methods": methods, "times": times, "ratios": ratios, "threads": torch.get_num_threads()}
 
 
@@ -222,15 +228,18 @@ def _build(method: str, ctx: dict[str, Any], args: argparse.Namespace) -> tuple[
     rows = len(layers)
     scope: Any = None
     warm: Any
-    if method in ("ours", "ours_grid", "ours_grid_bounded"):
+    if method in ("ours", "ours_lean", "ours_grid", "ours_grid_bounded"):
         from pytest_patchscope import Patchscope
 
         kwargs = {} if method != "ours_grid_bounded" else {"batch_memory_mb": args.batch_memory_mb}
         scope = Patchscope(pm, **kwargs)
-        grid = method != "ours"
+        grid = "grid" in method
+        clean = method != "ours_lean"
 
         def fn() -> Any:
-            return scope.sweep(SOURCE, ENTITY_DESCRIPTION, layers=layers, target_layers=layers if grid else None, max_new_tokens=n_new, stop=())
+            return scope.sweep(
+                SOURCE, ENTITY_DESCRIPTION, layers=layers, target_layers=layers if grid else None, max_new_tokens=n_new, stop=(), clean=clean
+            )
 
         def warm() -> Any:  # the grid warms up on a small sweep: the same code paths, a fraction of the time
             return scope.sweep(SOURCE, ENTITY_DESCRIPTION, layers=layers[:2], max_new_tokens=n_new, stop=()) if grid else fn()
@@ -375,7 +384,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     info["loadavg_end"] = _loadavg()
 
     # ---- outputs for agreement and token counts -----------------------------------------
-    if method in ("ours", "ours_grid", "ours_grid_bounded"):
+    if method in ("ours", "ours_lean", "ours_grid", "ours_grid_bounded"):
         info["texts"] = {str(c.layer): c.text for c in result.cells} if method == "ours" else {}
         info["clean_text"] = result.clean_text
         info["probes"] = len(result.cells)
@@ -616,20 +625,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {m:<12} median {statistics.median(ts):6.2f}  {ts}")
     if ours:
         print("\nTargets" + (" (median of the paired per-round ratios where measured)" if paired_ok else ""))
-        for base, speedup in TARGETS:
-            if base in paired_ok.get("ratios", {}):
-                per_round = paired_ok["ratios"][base]
-                ratio, how = statistics.median(per_round), f"paired, rounds {min(per_round):.3f}-{max(per_round):.3f}"
-            elif base in ok:
-                ratio, how = ours["median_s"] / ok[base]["median_s"], "separate processes"
-            else:
-                print(f"  vs {base:<10}: not measured")
+        for mine, label in (("ours", "ours"), ("ours_lean", "ours_lean (clean=False: the same 30 rows as the others)")):
+            ratios = paired_ok.get("ratios", {}).get(mine, {})
+            if mine != "ours" and not ratios:
                 continue
-            holds = ratio <= 1 / speedup + 1e-9
-            verdicts[base] = {"ours_over_base": round(ratio, 3), "required": round(1 / speedup, 3), "holds": holds, "how": how}
-            goal = f"ours <= {1 / speedup:.3g}x {base} ({speedup:.3g}x faster)"
-            print(f"  {goal:<38}: ours/{base} = {ratio:.3f} wall ({1 / ratio:.2f}x faster)  -> "
-                  f"{'HOLDS' if holds else 'MISSED'}   [{how}]")
+            print(f"  {label}:")
+            for base, speedup in TARGETS:
+                if base in ratios:
+                    per_round = ratios[base]
+                    ratio, how = statistics.median(per_round), f"paired, rounds {min(per_round):.3f}-{max(per_round):.3f}"
+                elif base in ok and mine == "ours":
+                    ratio, how = ours["median_s"] / ok[base]["median_s"], "separate processes"
+                else:
+                    print(f"    vs {base:<10}: not measured")
+                    continue
+                holds = ratio <= 1 / speedup + 1e-9
+                verdicts.setdefault(mine, {})[base] = {"over_base": round(ratio, 3), "required": round(1 / speedup, 3), "holds": holds, "how": how}
+                goal = f"<= {1 / speedup:.3g}x {base} ({speedup:.3g}x faster)"
+                print(f"    {goal:<34}: {mine}/{base} = {ratio:.3f} wall ({1 / ratio:.2f}x faster)  -> "
+                      f"{'HOLDS' if holds else 'MISSED'}   [{how}]")
 
     # ---- agreement ---------------------------------------------------------------------------
     agreement: dict[str, Any] = {}

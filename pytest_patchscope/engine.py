@@ -40,9 +40,10 @@ class PatchResult:
     probe: Probe
     resolved: ResolvedProbe
     text: str
-    clean_text: str
+    clean_text: str | None
+    """The unpatched continuation (None when run with clean=False)."""
     tokens: tuple[int, ...]
-    clean_tokens: tuple[int, ...]
+    clean_tokens: tuple[int, ...] | None
     scores: dict[int, tuple[float, int]] = field(default_factory=dict, repr=False)
     """For requested token ids: (log-probability, rank) at the first generated step."""
 
@@ -336,9 +337,9 @@ class Engine:
 
 
 def build_rows(
-    resolved: Sequence[ResolvedProbe], score_ids: Sequence[tuple[int, ...]] | None = None
-) -> tuple[list[_Row], list[int], list[int]]:
-    """Rows for the patched probes plus one clean row per distinct (target, budget, stop).
+    resolved: Sequence[ResolvedProbe], score_ids: Sequence[tuple[int, ...]] | None = None, *, clean: bool = True
+) -> tuple[list[_Row], list[int], list[int | None]]:
+    """Rows for the patched probes plus (if `clean`) one clean row per distinct (target, budget, stop).
 
     Returns (rows, patched_row_of_probe, clean_row_of_probe).
     """
@@ -349,7 +350,8 @@ def build_rows(
         split_of_target[rp.target_ids] = min(current, rp.target_index)
 
     rows: list[_Row] = []
-    patched_rows, clean_rows = [], []
+    patched_rows: list[int] = []
+    clean_rows: list[int | None] = []
     clean_index: dict[tuple[Any, ...], int] = {}
     for k, rp in enumerate(resolved):
         scores = tuple(score_ids[k]) if score_ids else ()
@@ -368,6 +370,9 @@ def build_rows(
             )
         )
         patched_rows.append(len(rows) - 1)
+        if not clean:
+            clean_rows.append(None)
+            continue
         key = (rp.target_ids, rp.probe.max_new_tokens, rp.probe.stop)
         if key not in clean_index:
             rows.append(
@@ -390,18 +395,19 @@ def run_probes(
     score_ids: Sequence[tuple[int, ...]] | None = None,
     source_states: SourceStates | None = None,
     progress: ProgressCallback | None = None,
+    clean: bool = True,
 ) -> list[PatchResult]:
     """Resolve, validate and run `probes` as one batched job; results come back in order.
 
-    Every probe is validated before anything runs, and every mapping is applied and checked right
-    after the source pass, before any patched pass. Every hook goes when its pass ends, so bad
-    input never leaves the model hooked.
+    Every probe is validated before anything runs, and every mapping is applied and checked in the
+    first chunk's opening pass, before any other chunk runs. Every hook goes when its pass ends, so
+    bad input never leaves the model hooked. `clean=False` skips the unpatched continuations.
     """
     import torch
 
     resolved = [resolve_probe(p, engine.model) for p in probes]
     with torch.no_grad():
-        rows, patched, clean = build_rows(resolved, score_ids)
+        rows, patched, clean_rows = build_rows(resolved, score_ids, clean=clean)
         states: SourceStates = {key: dict(value) for key, value in (source_states or {}).items()}
         outputs = engine.run_rows(rows, states, progress)
     return [
@@ -409,9 +415,9 @@ def run_probes(
             probe=rp.probe,
             resolved=rp,
             text=outputs[patched[k]].text,
-            clean_text=outputs[clean[k]].text,
+            clean_text=None if clean_rows[k] is None else outputs[clean_rows[k]].text,
             tokens=tuple(outputs[patched[k]].tokens),
-            clean_tokens=tuple(outputs[clean[k]].tokens),
+            clean_tokens=None if clean_rows[k] is None else tuple(outputs[clean_rows[k]].tokens),
             scores=outputs[patched[k]].scores,
         )
         for k, rp in enumerate(resolved)

@@ -32,7 +32,8 @@ class LocalizationProfile:
     """The probe's identity without its layers: source, target, positions, mapping, strength, ..."""
     cells: tuple[LayerCell, ...]
     expect: str | None = None
-    clean_text: str = ""
+    clean_text: str | None = ""
+    """The target's unpatched continuation (None for a sweep run with clean=False)."""
     model: str = ""
     weights_hash: str = ""
     grid: bool = False

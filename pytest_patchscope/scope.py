@@ -149,10 +149,13 @@ class Patchscope:
         layers: Iterable[int] | int | None = None,
         target_layers: Iterable[int] | str | None = None,
         expect: str | None = None,
+        clean: bool = True,
         **generate_kwargs: Any,
     ) -> LocalizationProfile:
         """One probe per source layer (target_layers None/"same": l* = l, or the preset's rule),
-        or per (l, l*) pair when target_layers is a range/list; returns a LocalizationProfile."""
+        or per (l, l*) pair when target_layers is a range/list; returns a LocalizationProfile.
+
+        `clean=False` skips the unpatched continuation (one row fewer; `clean_text` is then None)."""
         for forbidden in ("layer", "target_layer"):
             if forbidden in generate_kwargs:
                 raise ProbeConfigError(forbidden, generate_kwargs[forbidden], "not given to sweep()", "Use layers=/target_layers= instead.")
@@ -169,7 +172,9 @@ class Patchscope:
             pairs = [(l, None) for l in source_layers]
         probes = [self.probe(source, target, layer=l, target_layer=t, **generate_kwargs) for l, t in pairs]
         score_ids = self.expected_token_ids(expect) if expect is not None else ()
-        results = run_probes(self.engine, probes, score_ids=[score_ids] * len(probes), progress=self.progress)
+        if not isinstance(clean, bool):
+            raise ProbeConfigError("clean", clean, "True or False")
+        results = run_probes(self.engine, probes, score_ids=[score_ids] * len(probes), progress=self.progress, clean=clean)
         return self.profile_from_results(results, expect=expect, grid=grid)
 
     def profile_from_results(self, results: Sequence[PatchResult], *, expect: str | None, grid: bool) -> LocalizationProfile:

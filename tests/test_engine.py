@@ -253,6 +253,12 @@ def test_sweep_profile_and_grid(tiny_llama):
     assert profile.peak_layer in profile.layers
     singles = [scope.generate("Tokyo", "Short x", layer=l, max_new_tokens=4).text for l in range(4)]
     assert [c.text for c in profile.cells] == singles
+    assert profile.clean_text == scope.generate("Tokyo", "Short x", layer=0, max_new_tokens=4).clean_text
+    lean = scope.sweep("Tokyo", "Short x", layers=range(4), expect=expect, max_new_tokens=4, clean=False)
+    assert lean.clean_text is None and [c.text for c in lean.cells] == singles
+    assert [c.logprob for c in lean.cells] == pytest.approx([c.logprob for c in profile.cells], abs=1e-4)
+    with pytest.raises(ProbeConfigError, match="clean"):
+        scope.sweep("Tokyo", "Short x", layers=range(4), clean="no")
     grid = scope.sweep("Tokyo", "Short x", layers=[0, 1], target_layers=range(3), expect=expect, max_new_tokens=3)
     assert grid.grid and len(grid.cells) == 6
     assert {(c.layer, c.target_layer) for c in grid.cells} == {(l, t) for l in (0, 1) for t in range(3)}
