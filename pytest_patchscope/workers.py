@@ -88,22 +88,30 @@ def assign_visible_devices(worker_index: int | None, caller_visible: str | None,
     return str(worker_index % n_cuda)
 
 
-def resolve_device(spec: str, cuda_available: bool, n_cuda: int) -> str:
-    """Turn a device spec into the torch device to use, failing with a fix when it cannot work."""
-    device = parse_device(spec)
+def _setting(field: str, value: str) -> str:
+    """How a user writes ``value`` for ``field``: "--opt cpu" on the command line, "device='cpu'" in Python."""
+    return f"{field} {value}" if field.startswith("-") else f"{field}={value!r}"
+
+
+def resolve_device(spec: str, cuda_available: bool, n_cuda: int, field: str = DEVICE_OPTION) -> str:
+    """Turn a device spec into the torch device to use, failing with a fix when it cannot work.
+
+    ``field`` is what the messages name: the CLI option by default, ``"device"`` for the Python API.
+    """
+    device = parse_device(spec, field)
     if device == "auto":
         return "cuda" if cuda_available and n_cuda > 0 else "cpu"
     if device == "cpu":
         return device
     if not cuda_available or n_cuda < 1:
         raise ProbeConfigError(
-            DEVICE_OPTION, spec, "a CUDA device, but torch sees no CUDA GPU in this process",
-            f"Use {DEVICE_OPTION} cpu, or {DEVICE_OPTION} auto to fall back to the CPU.",
+            field, spec, "a CUDA device, but torch sees no CUDA GPU in this process",
+            f"Use {_setting(field, 'cpu')}, or {_setting(field, 'auto')} to fall back to the CPU.",
         )
     match = _CUDA_INDEX.fullmatch(device)
     if match and int(match.group(1)) >= n_cuda:
         raise ProbeConfigError(
-            DEVICE_OPTION, spec, f"'cuda' or cuda:0 .. cuda:{n_cuda - 1} ({n_cuda} GPU(s) visible)",
+            field, spec, f"'cuda' or cuda:0 .. cuda:{n_cuda - 1} ({n_cuda} GPU(s) visible)",
             "Indices count within CUDA_VISIBLE_DEVICES, not physical GPU numbers.",
         )
     return device
@@ -148,12 +156,12 @@ def _cuda_already_initialised() -> bool:
     return torch is not None and torch.cuda.is_initialized()
 
 
-def detect_device(spec: str) -> str:
+def detect_device(spec: str, field: str = DEVICE_OPTION) -> str:
     """Resolve ``spec`` against this process's CUDA (imports torch; call after any pinning)."""
     import torch
 
     available = torch.cuda.is_available()
-    return resolve_device(spec, available, torch.cuda.device_count() if available else 0)
+    return resolve_device(spec, available, torch.cuda.device_count() if available else 0, field)
 
 
 @dataclass(frozen=True)

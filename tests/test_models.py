@@ -1,12 +1,19 @@
-"""The default model's weights cache: keyed by the GGUF's hash, written atomically, rebuilt when corrupt."""
+"""Loading models: the weights cache (keyed by hash, atomic, rebuilt when corrupt), untrusted or
+damaged checkpoints, device checks and quiet output."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from pytest_patchscope import models
+from pytest_patchscope.errors import ProbeConfigError
 
 
 @pytest.fixture
@@ -61,3 +68,130 @@ def test_a_gguf_file_path_is_accepted(default_model_dir):
     source = models.resolve_model_source(str(gguf))
     assert source.kind == "gguf" and source.path == gguf
     assert models.dequantized_cache_dir(source) == default_model_dir
+
+
+def test_hash_memo_is_written_with_no_temp_file_left(cache, tiny_llama_dir):
+    source = models.resolve_model_source(tiny_llama_dir)
+    value = models.weights_hash(source)
+    memos = list((cache / "hashes").iterdir())
+    assert [p.suffix for p in memos] == [".txt"] and memos[0].read_text() == value
+    assert models.weights_hash(source) == value, "the memo is read back"
+
+
+# ---- untrusted and damaged checkpoints -------------------------------------------------------
+EVIL_CODE = '''
+from pathlib import Path
+
+from transformers import LlamaForCausalLM
+
+Path({marker!r}).write_text("custom code ran")
+
+
+class EvilForCausalLM(LlamaForCausalLM):
+    pass
+'''
+
+
+@pytest.fixture
+def custom_code_dir(tmp_path, tiny_llama_dir):
+    """The tiny checkpoint plus an auto_map to a modeling file that leaves a marker when it runs."""
+    out = tmp_path / "custom_code"
+    shutil.copytree(tiny_llama_dir, out)
+    config = json.loads((out / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "modeling_evil.py").write_text(EVIL_CODE.format(marker=str(tmp_path / "marker")))
+    return out
+
+
+def _load_in_subprocess(tmp_path, directory, call: str) -> tuple[int, str]:
+    """Run `call` on `directory` in a fresh process whose stdin stays open, as an interactive prompt would need."""
+    code = f"import sys\nfrom pytest_patchscope import Patchscope, load_model\n{call}\nprint('loaded')"
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, str(directory)], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    try:
+        output, _ = process.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+        pytest.fail(f"the load hung (waiting for an answer on stdin?):\n{output}")
+    return process.returncode, output
+
+
+def test_custom_code_checkpoint_is_refused_without_running_or_prompting(tmp_path, custom_code_dir):
+    rc, output = _load_in_subprocess(tmp_path, custom_code_dir, "load_model(sys.argv[1])")
+    assert rc != 0 and "ModelLoadError" in output, output
+    assert "ships custom code" in output and "auto_map" in output and "was not run" in output
+    assert "trust_remote_code=True" in output
+    assert not (tmp_path / "marker").exists(), "the checkpoint's code must not run"
+
+
+def test_trust_remote_code_opt_in_reaches_transformers(tmp_path, custom_code_dir):
+    rc, output = _load_in_subprocess(
+        tmp_path, custom_code_dir, "scope = Patchscope.load(sys.argv[1], trust_remote_code=True)"
+    )
+    assert rc == 0 and "loaded" in output, output
+    assert (tmp_path / "marker").read_text() == "custom code ran"
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, tiny_llama_dir):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "diverged"
+    shutil.copytree(tiny_llama_dir, out)
+    weights = load_file(out / "model.safetensors")
+    bad = "model.layers.2.mlp.down_proj.weight"
+    weights[bad][0, 0] = float("inf")
+    weights[bad][1, 3] = float("nan")
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(models.ModelLoadError) as info:
+        models.load_model(out)
+    message = str(info.value)
+    assert str(out) in message and repr(bad) in message and "2 NaN/inf value(s)" in message
+
+
+def test_huge_finite_weights_are_not_mistaken_for_inf():
+    layer = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        layer.weight.fill_(3e38)  # finite, but their sum overflows
+    models._refuse_non_finite(models.ModelSource("hf_dir", Path("huge"), "huge"), layer)
+
+
+# ---- device and output -----------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "gpu", "mps"])
+def test_unusable_device_is_a_config_error_naming_device(tiny_llama_dir, device):
+    with pytest.raises(ProbeConfigError) as info:
+        models.load_model(tiny_llama_dir, device=device)
+    assert info.value.field == "device" and info.value.value == device
+    assert f"device={device!r}" in str(info.value) and "'cpu'" in str(info.value)
+    if device.startswith("cuda"):
+        assert "use device='cpu'" in str(info.value).lower()
+
+
+def test_device_is_checked_before_the_model_path(tmp_path):
+    with pytest.raises(ProbeConfigError, match="device='gpu'"):
+        models.load_model(tmp_path / "missing", device="gpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="auto picks the GPU where there is one")
+def test_auto_device_falls_back_to_cpu(tiny_llama_dir):
+    assert models.load_model(tiny_llama_dir, device="auto").device == "cpu"
+
+
+def test_load_prints_no_progress_bar_and_restores_the_setting(capfd, tiny_llama_dir):
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()
+    models.load_model(tiny_llama_dir)
+    assert "Loading" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled(), "the caller's setting is restored"
+    hf_logging.disable_progress_bar()
+    try:
+        models.load_model(tiny_llama_dir)
+        assert not hf_logging.is_progress_bar_enabled(), "a disabled bar stays disabled"
+    finally:
+        hf_logging.enable_progress_bar()
