@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, cast
 
-from .probe import Probe, ResolvedProbe, apply_mapping, resolve_probe
+from .errors import EngineError, ProbeConfigError
+from .probe import Probe, ResolvedProbe, apply_mapping, mapping_name, resolve_probe
 from .streams import LayerKV, PackedLayout, Patch, Span, StreamPlan, forward_opening, forward_streams
 
 if TYPE_CHECKING:
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
 
 ProgressCallback = Callable[[int, int], None]
 DEFAULT_BATCH_MEMORY_MB = 512
+DEFAULT_MAX_NEW_TOKENS_LIMIT = 1024
+"""Default sanity bound on a probe's max_new_tokens: a typo such as 10**7 fails fast instead of running for days."""
 PACK_TOKENS = 512
 """Longest packed row of the opening pass (unless one unit is longer): bounds its T x T mask."""
 SourceStates = dict[tuple[tuple[int, ...], int], dict[int, Any]]
@@ -82,11 +85,18 @@ def _float_mask(allowed: "torch.Tensor", dtype: "torch.dtype") -> "torch.Tensor"
 
 
 class Engine:
-    """Runs rows (target prompt + optional patch) in memory-bounded, prefix-sharing batches."""
+    """Runs rows (target prompt + optional patch) in memory-bounded, prefix-sharing batches.
 
-    def __init__(self, model: "PatchscopeModel", *, batch_memory_mb: float = DEFAULT_BATCH_MEMORY_MB) -> None:
+    `max_new_tokens_limit` bounds every probe's max_new_tokens (checked when probes are resolved).
+    """
+
+    def __init__(
+        self, model: "PatchscopeModel", *, batch_memory_mb: float = DEFAULT_BATCH_MEMORY_MB,
+        max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT,
+    ) -> None:
         self.model = model
         self.batch_memory_mb = batch_memory_mb
+        self.max_new_tokens_limit = max_new_tokens_limit
 
     # ---- the opening pass: prefixes, source prompts and patched spans, packed -----------------
     def capture(self, prompt_ids: Sequence[int], index: int, layers: Iterable[int]) -> dict[int, "torch.Tensor"]:
@@ -128,11 +138,19 @@ class Engine:
             for layer in layers:
                 captures.setdefault(layer, []).append((key, segment_of[key[0]], key[1]))
         patches = [
-            Patch(r, row.patch_layer, partial(vector_of, r), row.strength)
+            Patch(r, row.patch_layer, partial(vector_of, r), row.strength, mapping_name(row.mapping))
             for r, row in enumerate(rows)
             if row.source is not None and row.patch_layer is not None and vector_of is not None
         ]
-        logits, kv = forward_opening(self.model, layout, captures, states, patches)
+        logits, kv, written = forward_opening(self.model, layout, captures, states, patches)
+        # A patch that is silently not written (or written twice) would pass for a probe that
+        # found nothing: every patched row must have been written exactly once.
+        for r, row in enumerate(rows):
+            if row.source is not None and written.get(r, 0) != 1:
+                raise EngineError(
+                    f"the patch of row {r} (after layer {row.patch_layer}) was written {written.get(r, 0)} "
+                    "times in the opening pass instead of once"
+                )
         prefix_width = max((row.split for row in rows), default=0)
         span_width = max((len(row.target_ids) - row.split for row in rows), default=0)
         stores = [layout.stream_kv(j, kv[j], prefix_width, span_width) for j in range(self.model.n_layers)] if rows else []
@@ -189,22 +207,33 @@ class Engine:
 
     # ---- batching --------------------------------------------------------------------------
     def _row_bytes(self, row: _Row) -> int:
-        """A generous estimate of one row's peak memory: KV cache, activations and logits."""
+        """A generous estimate of one row's peak memory: KV cache, activations, masks and logits.
+
+        Values are in the model's dtype, except the logits (float32 once scored). The opening pass
+        keeps one float (W x W) mask per stage (n_layers + 1 at most) over packed rows of width
+        W <= max(PACK_TOKENS, one unit); a row's tokens t (source + target, counted as if shared
+        with nothing) take at most t * W of each.
+        """
         cfg = self.model.hf.config
-        heads = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", 1)
+        element = next(self.model.hf.parameters()).dtype.itemsize
+        # Config fields are untyped; head counts are ints whenever present.
+        heads = cast(int, getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", 1))
         head_dim = getattr(cfg, "head_dim", None) or self.model.d_model // max(1, getattr(cfg, "num_attention_heads", 1))
         length = len(row.target_ids) + row.max_new_tokens
         kv = 2 * self.model.n_layers * heads * head_dim * length
         inter = getattr(cfg, "intermediate_size", None) or 4 * self.model.d_model
         suffix = len(row.target_ids) - row.split
         activations = suffix * (8 * self.model.d_model + 3 * inter) + length * getattr(cfg, "num_attention_heads", 1) * 2
-        logits = 3 * self.model.hf.config.vocab_size
-        return 4 * (kv + activations + logits)
+        tokens = len(row.target_ids) + len(row.source[0] if row.source is not None else ())
+        masks = (self.model.n_layers + 1) * tokens * max(PACK_TOKENS, tokens)
+        logits = 3 * cfg.vocab_size
+        return element * (kv + activations + masks) + 4 * logits
 
     def _chunks(self, rows: list[_Row]) -> list[list[int]]:
         """Row indices grouped so that each chunk's estimated memory stays under the limit.
 
-        Rows are ordered by (prefix, length) so that rows sharing a prefix land in one chunk.
+        Rows are ordered by (prefix, length) so that rows sharing a prefix land in one chunk. A row
+        that alone needs more than the limit is a ProbeConfigError (raised before anything runs).
         """
         order = sorted(range(len(rows)), key=lambda k: (rows[k].target_ids[: rows[k].split], len(rows[k].target_ids)))
         budget = self.batch_memory_mb * 2**20
@@ -213,6 +242,14 @@ class Engine:
         used = 0
         for k in order:
             cost = self._row_bytes(rows[k])
+            if cost > budget:
+                row = rows[k]
+                raise ProbeConfigError(
+                    "batch_memory_mb", self.batch_memory_mb,
+                    f"at least {cost / 2**20:.2f} MB: one row of this probe (a {len(row.target_ids)}-token target, "
+                    f"max_new_tokens={row.max_new_tokens}) needs that much",
+                    "Raise batch_memory_mb, or shorten the prompts or max_new_tokens.",
+                )
             if current and used + cost > budget:
                 chunks.append(current)
                 current, used = [], 0
@@ -249,7 +286,11 @@ class Engine:
         total = sum(row.max_new_tokens for row in rows)
         done = 0
         for number, chunk in enumerate(chunks):
-            results = self._run_chunk([rows[k] for k in chunk], wanted if number == 0 else {}, states, lambda r, chunk=chunk: vector_of(chunk[r]))
+
+            def chunk_vector(r: int, chunk: list[int] = chunk) -> Any:
+                return vector_of(chunk[r])
+
+            results = self._run_chunk([rows[k] for k in chunk], wanted if number == 0 else {}, states, chunk_vector)
             for k, out in zip(chunk, results):
                 outputs[k] = out
             if number == 0:
@@ -288,7 +329,7 @@ class Engine:
         tokens: list[list[int]] = [[] for _ in range(n)]
         stopped_text: dict[int, str] = {}  # rows cut at a stop string
         active = list(range(n))
-        for step in range(max(row.max_new_tokens for row in rows)):
+        for _ in range(max(row.max_new_tokens for row in rows)):
             best = logits.argmax(dim=-1).tolist()
             still = []
             for r in active:
@@ -405,21 +446,24 @@ def run_probes(
     """
     import torch
 
-    resolved = [resolve_probe(p, engine.model) for p in probes]
+    resolved = [resolve_probe(p, engine.model, max_new_tokens_limit=engine.max_new_tokens_limit) for p in probes]
     with torch.no_grad():
         rows, patched, clean_rows = build_rows(resolved, score_ids, clean=clean)
         states: SourceStates = {key: dict(value) for key, value in (source_states or {}).items()}
         outputs = engine.run_rows(rows, states, progress)
-    return [
-        PatchResult(
-            probe=rp.probe,
-            resolved=rp,
-            text=outputs[patched[k]].text,
-            clean_text=None if clean_rows[k] is None else outputs[clean_rows[k]].text,
-            tokens=tuple(outputs[patched[k]].tokens),
-            clean_tokens=None if clean_rows[k] is None else tuple(outputs[clean_rows[k]].tokens),
-            scores=outputs[patched[k]].scores,
+    results: list[PatchResult] = []
+    for k, rp in enumerate(resolved):
+        clean_row = clean_rows[k]
+        results.append(
+            PatchResult(
+                probe=rp.probe,
+                resolved=rp,
+                text=outputs[patched[k]].text,
+                clean_text=None if clean_row is None else outputs[clean_row].text,
+                tokens=tuple(outputs[patched[k]].tokens),
+                clean_tokens=None if clean_row is None else tuple(outputs[clean_row].tokens),
+                scores=outputs[patched[k]].scores,
+            )
         )
-        for k, rp in enumerate(resolved)
-    ]
+    return results
 

@@ -5,7 +5,9 @@ Positions always index the token ids that the model's own tokenizer produces for
 """
 from __future__ import annotations
 
+import inspect
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Literal, Union
 
@@ -42,6 +44,21 @@ CharSpan = tuple[int, int]
 
 Position = Union[int, str, Substring, Placeholder, CharSpan]
 Mapping = Callable[["torch.Tensor"], "torch.Tensor"]
+
+MAX_STRENGTH = 1000.0
+"""Largest |strength| accepted: a sanity bound, far beyond interpolation (0..1) and any steering
+strength in use, that keeps (1 - s) * h + s * f(h) from overflowing into inf/NaN text."""
+
+
+def finite_real(value: Any) -> float | None:
+    """`value` as a float if it is a finite real number (bools are not), else None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float range, e.g. 10**400
+        return None
+    return number if math.isfinite(number) else None
 
 
 def describe_position(position: Position) -> str:
@@ -114,6 +131,11 @@ def resolve_position(field_name: str, position: Position, prompt: str, model: "P
         return position % n
     if isinstance(position, str):
         position = Substring(position)
+    if isinstance(position, (Substring, Placeholder)):
+        if not isinstance(position.text, str):
+            raise ProbeConfigError(f"{field_name}.text", position.text, "a string")
+        if isinstance(position.occurrence, bool) or not isinstance(position.occurrence, int):
+            raise ProbeConfigError(f"{field_name}.occurrence", position.occurrence, "an int (0 = first, -1 = last)")
     if isinstance(position, Substring):
         span = _span_of_occurrence(field_name, prompt, position.text, position.occurrence)
         return _resolve_span(field_name, prompt, offsets, span, position.token, position.text)
@@ -157,17 +179,26 @@ class Probe:
     preset: str | None = None
 
     def identity(self) -> dict[str, Any]:
-        """JSON-able identity of the probe without its layers (for baselines and reports)."""
-        return {
+        """JSON-able identity of the probe without its layers (for baselines and reports).
+
+        Everything that changes what the probe computes is in it, so two different probes never
+        share a baseline key. A mapping without a stable identity (see `mapping_identity`) is
+        `None` here, with its display name under "unstable_mapping"; `record` refuses it.
+        """
+        identity = {
             "source": self.source,
             "source_position": describe_position(self.source_position),
             "target": self.target,
             "target_position": describe_position(self.target_position),
-            "mapping": mapping_name(self.mapping),
-            "strength": self.strength,
+            "mapping": mapping_identity(self.mapping),
+            "strength": float(self.strength),
             "max_new_tokens": self.max_new_tokens,
+            "stop": list(self.stop),
             "preset": self.preset,
         }
+        if identity["mapping"] is None:
+            identity["unstable_mapping"] = mapping_name(self.mapping)
+        return identity
 
     def describe(self) -> str:
         """(S, i, l) -> (T, i*, l*) on one line, for failure messages."""
@@ -185,9 +216,65 @@ class Probe:
 
 
 def mapping_name(mapping: Any) -> str:
+    """A short name of f for messages (not unique: see `mapping_identity` for keys)."""
     if mapping is None:
         return "identity"
     return getattr(mapping, "name", None) or getattr(mapping, "__name__", None) or type(mapping).__name__
+
+
+def _stable_qualname(obj: Any) -> str | None:
+    """``module.qualname`` of a function or class defined at module level; None for lambdas and locals."""
+    qualname = getattr(obj, "__qualname__", None)
+    if not isinstance(qualname, str) or "<" in qualname:
+        return None
+    return f"{getattr(obj, '__module__', None) or '?'}.{qualname}"
+
+
+def _module_digest(module: "torch.nn.Module") -> str:
+    """sha256 of a module's state (names, dtypes, shapes and values), 16 hex digits."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        value = tensor.detach().cpu().contiguous().view(-1)
+        digest.update(f"{name}:{value.dtype}:{tuple(tensor.shape)}:".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def mapping_identity(mapping: Any) -> str | None:
+    """A stable identity of f for baseline keys, or None when f has none.
+
+    - None: ``"identity"``.
+    - A ``torch.nn.Module`` (e.g. ``AffineMapping``): its name (its ``name`` attribute, else its
+      class) plus a hash of its weights, so two maps with one name but other weights differ.
+    - A callable with a string ``name`` attribute: that name (the user vouches for it).
+    - A function or callable object defined at module level: ``module.qualname``, plus the
+      object's own ``repr`` when its class defines one (a dataclass ``Scale(factor=2.0)``).
+    - Anything else (a lambda, a local function, a ``functools.partial``, an object with only the
+      default repr): None, because two different ones would look alike.
+    """
+    import torch
+
+    if mapping is None:
+        return "identity"
+    name = getattr(mapping, "name", None)
+    explicit = name if isinstance(name, str) and name else None
+    if isinstance(mapping, torch.nn.Module):
+        base = explicit or _stable_qualname(type(mapping))
+        return None if base is None else f"{base}#{_module_digest(mapping)}"
+    if explicit:
+        return explicit
+    if inspect.isroutine(mapping) or isinstance(mapping, type):
+        return _stable_qualname(mapping)
+    kind = type(mapping)
+    base = _stable_qualname(kind)
+    shown = repr(mapping)
+    if base is None or kind.__repr__ is object.__repr__ or " at 0x" in shown:
+        return None
+    return f"{base}:{shown}"
 
 
 @dataclass(frozen=True)
@@ -219,24 +306,65 @@ def _check_prompt(field_name: str, prompt: Any, model: "PatchscopeModel") -> tup
     ids = tuple(model.tokenize(prompt))
     if not ids:
         raise ProbeConfigError(field_name, prompt, "a prompt that tokenizes to at least one token")
+    limit = position_limit(model)
+    if limit is not None and len(ids) > limit:
+        raise ProbeConfigError(
+            field_name, prompt, f"a prompt of at most {limit} tokens (the model's position limit); it has {len(ids)}"
+        )
     return ids
 
 
-def resolve_probe(probe: Probe, model: "PatchscopeModel") -> ResolvedProbe:
-    """Validate every field of `probe` against `model`; raise ProbeConfigError on the first bad one."""
+def position_limit(model: "PatchscopeModel") -> int | None:
+    """The model's position limit (`max_position_embeddings`, `n_positions` for GPT-2), None if unknown.
+
+    Past it GPT-2's position table raises IndexError and RoPE models extrapolate into garbage.
+    """
+    config = model.hf.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
+def _check_max_new_tokens(value: Any, target_ids: tuple[int, ...], model: "PatchscopeModel", limit: int | None) -> None:
+    """max_new_tokens within the settings' bound and the room the position limit leaves after T."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ProbeConfigError("max_new_tokens", value, "an int >= 1")
+    if limit is not None and value > limit:
+        raise ProbeConfigError(
+            "max_new_tokens", value, f"an int from 1 to {limit} (the max_new_tokens_limit setting)",
+            "Raise the bound with Patchscope(..., max_new_tokens_limit=N) or the patchscope_max_new_tokens_limit ini key.",
+        )
+    positions = position_limit(model)
+    if positions is not None and len(target_ids) + value > positions:
+        raise ProbeConfigError(
+            "max_new_tokens", value,
+            f"an int from 1 to {positions - len(target_ids)}: the target prompt has {len(target_ids)} tokens "
+            f"and the model's position limit is {positions}",
+            "Shorten the target prompt or generate fewer tokens.",
+        )
+
+
+def resolve_probe(probe: Probe, model: "PatchscopeModel", *, max_new_tokens_limit: int | None = None) -> ResolvedProbe:
+    """Validate every field of `probe` against `model`; raise ProbeConfigError on the first bad one.
+
+    `max_new_tokens_limit` is the settings' sanity bound on max_new_tokens (None: only the model's
+    position limit bounds it).
+    """
+    if not isinstance(probe, Probe):
+        raise ProbeConfigError("probes", probe, "Probe objects (see Patchscope.probe)")
     source_ids = _check_prompt("source", probe.source, model)
     target_ids = _check_prompt("target", probe.target, model)
     layer = _check_layer("layer", probe.layer, model.n_layers)
     target_layer = layer if probe.target_layer is None else _check_layer("target_layer", probe.target_layer, model.n_layers)
-    if isinstance(probe.max_new_tokens, bool) or not isinstance(probe.max_new_tokens, int) or probe.max_new_tokens < 1:
-        raise ProbeConfigError("max_new_tokens", probe.max_new_tokens, "an int >= 1")
-    if isinstance(probe.strength, bool) or not isinstance(probe.strength, (int, float)) or not math.isfinite(probe.strength):
+    _check_max_new_tokens(probe.max_new_tokens, target_ids, model, max_new_tokens_limit)
+    strength = finite_real(probe.strength)
+    if strength is None or abs(strength) > MAX_STRENGTH:
         raise ProbeConfigError(
-            "strength", probe.strength, "a finite number (0 = clean, 1 = full patch, in between interpolates)"
+            "strength", probe.strength,
+            f"a finite number from -{MAX_STRENGTH:g} to {MAX_STRENGTH:g} (0 = clean, 1 = full patch, in between interpolates)",
         )
     if probe.mapping is not None and not callable(probe.mapping):
         raise ProbeConfigError("mapping", probe.mapping, "None (identity), a callable or a torch.nn.Module from d_model to d_model")
-    if isinstance(probe.stop, str) or not all(isinstance(s, str) and s for s in probe.stop):
+    if not isinstance(probe.stop, tuple) or not all(isinstance(s, str) and s for s in probe.stop):
         raise ProbeConfigError("stop", probe.stop, "a tuple of non-empty strings")
     return ResolvedProbe(
         probe=probe,
@@ -249,24 +377,45 @@ def resolve_probe(probe: Probe, model: "PatchscopeModel") -> ResolvedProbe:
     )
 
 
+def _describe_output(out: Any) -> str:
+    """What a mapping returned, for messages: type, or a tensor's shape, dtype, layout and device."""
+    import torch
+
+    if not isinstance(out, torch.Tensor):
+        return f"a {type(out).__name__}"
+    shape = "a nested tensor" if out.is_nested else f"shape {tuple(out.shape)}"
+    return f"a tensor of {shape}, {out.dtype}, layout {out.layout}, on {out.device}"
+
+
 def apply_mapping(mapping: Mapping | None, vector: "torch.Tensor", d_model: int) -> "torch.Tensor":
-    """f(h) with its output checked: a wrong shape or non-finite values is a ProbeConfigError."""
+    """f(h), checked: f must return a dense, real floating-point (d_model,) tensor of finite values.
+
+    f gets its own copy of h, so an in-place f (``h.mul_(2)``) cannot change the source state that
+    other rows of the job map too. Anything else is a ProbeConfigError naming what f returned: a
+    sparse, meta or nested tensor has no values to write, a complex one would lose its imaginary
+    part and an integer one its fraction (a truncated state, not the one meant), and values that
+    are not finite once cast to the model's dtype would turn the text to NaN.
+    """
     import torch
 
     if mapping is None:
         return vector
     try:
-        out = mapping(vector)
+        out = mapping(vector.clone())
     except Exception as exc:
         raise ProbeConfigError(
             "mapping", mapping_name(mapping), f"a callable that accepts a ({vector.shape[-1]},) tensor",
             f"It raised {type(exc).__name__}: {exc}",
         ) from exc
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (d_model,):
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ProbeConfigError(
-            "mapping", mapping_name(mapping), f"a map returning a tensor of shape ({d_model},); it returned {shape}"
-        )
+    wanted = f"a map returning a dense real floating-point tensor of shape ({d_model},)"
+    if (
+        not isinstance(out, torch.Tensor) or out.is_nested or out.layout != torch.strided or out.is_meta
+        or not out.is_floating_point() or tuple(out.shape) != (d_model,)
+    ):
+        raise ProbeConfigError("mapping", mapping_name(mapping), f"{wanted}; it returned {_describe_output(out)}")
+    out = out.to(device=vector.device, dtype=vector.dtype)
     if not torch.isfinite(out).all():
-        raise ProbeConfigError("mapping", mapping_name(mapping), "a map that returns finite values; it returned NaN/inf")
-    return out.to(vector.dtype)
+        raise ProbeConfigError(
+            "mapping", mapping_name(mapping), f"a map that returns finite values in {vector.dtype}; it returned NaN/inf"
+        )
+    return out

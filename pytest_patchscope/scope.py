@@ -7,27 +7,55 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Iterable, Sequence
 
-from .engine import DEFAULT_BATCH_MEMORY_MB, Engine, PatchResult, ProgressCallback, run_probes
-from .errors import ProbeConfigError
+from .engine import DEFAULT_BATCH_MEMORY_MB, DEFAULT_MAX_NEW_TOKENS_LIMIT, Engine, PatchResult, ProgressCallback, run_probes
+from .errors import ProbeConfigError, warn_at_caller
 from .models import PatchscopeModel, load_model
 from .presets import Preset
-from .probe import Mapping, Position, Probe
+from .probe import Mapping, Position, Probe, finite_real
 from .profile import LayerCell, LocalizationProfile
 
 DEFAULT_MAX_NEW_TOKENS = 20
+_INNER_PLACEHOLDER = re.compile(r"(^|\s)x\s+\S")
+"""A standalone x with more text after it: the paper's placeholder, which i* = -1 does not patch."""
+
+
+def _default_target_position(target: Any, target_position: Position | None) -> Position | None:
+    """target_position with a plain-string target's default (-1) made explicit.
+
+    A target such as "The capital city of x is" without target_position patches its last token,
+    not the x; that is valid but rarely meant, so it warns (once, at the caller's line).
+    """
+    if isinstance(target, Preset) or target_position is not None:
+        return target_position
+    if isinstance(target, str) and _INNER_PLACEHOLDER.search(target):
+        warn_at_caller(
+            f"target {target!r} has a placeholder-like 'x', but without target_position the patch goes to "
+            "its LAST token, not the x. Pass target_position=Placeholder('x') to patch the x "
+            "(or target_position=-1 to keep the last token and silence this warning)."
+        )
+    return -1
 
 
 def _layer_list(field_name: str, layers: Any, n_layers: int) -> list[int]:
+    """An int, range or iterable of layers as a list, each checked (a huge range fails at its first bad layer)."""
     if layers is None:
         return list(range(n_layers))
     if isinstance(layers, int) and not isinstance(layers, bool):
         layers = [layers]
-    try:
-        values = list(layers)
-    except TypeError:
-        raise ProbeConfigError(field_name, layers, f"an int, a range or a list of ints from 0 to {n_layers - 1}") from None
+    allowed = f"an int, a range or a list of ints from 0 to {n_layers - 1} (the model has {n_layers} layers)"
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise ProbeConfigError(field_name, layers, allowed)
+    values = []
+    for value in layers:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n_layers:
+            raise ProbeConfigError(
+                field_name, layers, f"{allowed}; {value!r} is not",
+                "Negative layers are not accepted; use model.n_layers - 1 for the last layer.",
+            )
+        values.append(value)
     if not values:
         raise ProbeConfigError(field_name, layers, "a non-empty range or list of layers")
     return values
@@ -36,8 +64,10 @@ def _layer_list(field_name: str, layers: Any, n_layers: int) -> list[int]:
 class Patchscope:
     """Patchscopes probes on one loaded model.
 
-    `max_new_tokens` is the default budget of every probe; `batch_memory_mb` bounds the memory
-    of one batch (larger sweeps run in chunks); `progress(done, total)` is told how far a run is.
+    `max_new_tokens` is the default budget of every probe and `max_new_tokens_limit` the most any
+    probe may ask for (a sanity bound: a typo such as 10**7 fails at once instead of running for
+    days); `batch_memory_mb` bounds the memory of one batch (larger sweeps run in chunks);
+    `progress(done, total)` is told how far a run is.
     """
 
     def __init__(
@@ -45,22 +75,49 @@ class Patchscope:
         model: PatchscopeModel,
         *,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT,
         batch_memory_mb: float = DEFAULT_BATCH_MEMORY_MB,
         progress: ProgressCallback | None = None,
     ) -> None:
+        if isinstance(max_new_tokens_limit, bool) or not isinstance(max_new_tokens_limit, int) or max_new_tokens_limit < 1:
+            raise ProbeConfigError("max_new_tokens_limit", max_new_tokens_limit, "an int >= 1")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ProbeConfigError("max_new_tokens", max_new_tokens, "an int >= 1")
-        if not isinstance(batch_memory_mb, (int, float)) or not batch_memory_mb > 0:
-            raise ProbeConfigError("batch_memory_mb", batch_memory_mb, "a number of megabytes > 0")
+        if max_new_tokens > max_new_tokens_limit:
+            if max_new_tokens_limit == DEFAULT_MAX_NEW_TOKENS_LIMIT:  # the budget was raised past the default bound
+                raise ProbeConfigError(
+                    "max_new_tokens", max_new_tokens, f"an int from 1 to {max_new_tokens_limit} (max_new_tokens_limit)",
+                    "Raise max_new_tokens_limit too.",
+                )
+            raise ProbeConfigError(
+                "max_new_tokens_limit", max_new_tokens_limit,
+                f"an int >= max_new_tokens ({max_new_tokens}), the default budget of every probe",
+                "Lower max_new_tokens too.",
+            )
+        memory = finite_real(batch_memory_mb)
+        if memory is None or not memory > 0:
+            raise ProbeConfigError("batch_memory_mb", batch_memory_mb, "a finite number of megabytes > 0")
+        if progress is not None and not callable(progress):
+            raise ProbeConfigError("progress", progress, "None or a callable progress(done, total)")
         self.model = model
         self.max_new_tokens = max_new_tokens
         self.progress = progress
-        self.engine = Engine(model, batch_memory_mb=batch_memory_mb)
+        self.engine = Engine(model, batch_memory_mb=memory, max_new_tokens_limit=max_new_tokens_limit)
 
     @classmethod
-    def load(cls, model: str | os.PathLike[str] | None = None, *, device: str = "cpu", **kwargs: Any) -> "Patchscope":
-        """Load `model` ('default', a GGUF file or an HF directory) and bind a Patchscope to it."""
-        return cls(load_model(model, device=device), **kwargs)
+    def load(
+        cls,
+        model: str | os.PathLike[str] | None = None,
+        *,
+        device: str = "cpu",
+        trust_remote_code: bool = False,
+        **kwargs: Any,
+    ) -> "Patchscope":
+        """Load `model` ('default', a GGUF file or an HF directory) and bind a Patchscope to it.
+
+        `trust_remote_code=True` lets a checkpoint's own Python files run (see `load_model`).
+        """
+        return cls(load_model(model, device=device, trust_remote_code=trust_remote_code), **kwargs)
 
     # ---- building probes -------------------------------------------------------------------
     def probe(
@@ -77,7 +134,11 @@ class Patchscope:
         max_new_tokens: int | None = None,
         stop: Sequence[str] | None = None,
     ) -> Probe:
-        """A Probe with presets and defaults filled in (target_position None = -1 or the preset's)."""
+        """A Probe with presets and defaults filled in (target_position None = -1 or the preset's).
+
+        A PatchscopeWarning says when a plain target's placeholder-like x would go unpatched.
+        """
+        target_position = _default_target_position(target, target_position)
         preset_name = None
         if isinstance(target, Preset):
             preset = target
@@ -89,6 +150,8 @@ class Patchscope:
                 target_layer = preset.resolve_target_layer(layer, self.model.n_layers)
             if stop is None:
                 stop = preset.stop
+        if stop is not None and (isinstance(stop, (str, bytes)) or not isinstance(stop, Iterable)):
+            raise ProbeConfigError("stop", stop, "None or a list/tuple of non-empty strings", "Use stop=[...] for one string.")
         return Probe(
             source=source,
             target=target,
@@ -121,7 +184,7 @@ class Patchscope:
         """Patch h(S, i, l) into T at (i*, l*) and generate greedily; the clean continuation comes too."""
         probe = self.probe(
             source, target, layer=layer, target_layer=target_layer, source_position=source_position,
-            target_position=target_position, mapping=mapping, strength=strength,
+            target_position=_default_target_position(target, target_position), mapping=mapping, strength=strength,
             max_new_tokens=max_new_tokens, stop=stop,
         )
         return self.run([probe])[0]
@@ -131,14 +194,19 @@ class Patchscope:
         return run_probes(self.engine, probes, progress=self.progress)
 
     def expected_token_ids(self, expect: str) -> tuple[int, ...]:
-        """Candidate first tokens of an expected answer: as written and with a leading space."""
-        candidates = []
-        for text in (expect, " " + expect.lstrip()):
-            ids = self.model.tokenize(text)
-            special = set(self.model.tokenizer.all_special_ids)
-            ids = [i for i in ids if i not in special]
-            if ids and ids[0] not in candidates:
-                candidates.append(ids[0])
+        """Candidate first tokens of an expected answer, one per spelling that the hit test accepts.
+
+        The hit test is case-insensitive, so "paris" must score like "Paris": the candidates are the
+        first (non-special) token of `expect` as written, lower(), upper(), capitalize() and title(),
+        each without and with a leading space, deduplicated. A sweep scores the best of them.
+        """
+        special = set(self.model.tokenizer.all_special_ids)
+        candidates: dict[int, None] = {}
+        for variant in dict.fromkeys((expect, expect.lower(), expect.upper(), expect.capitalize(), expect.title())):
+            for text in (variant.lstrip(), " " + variant.lstrip()):
+                ids = [i for i in self.model.tokenize(text) if i not in special]
+                if ids:
+                    candidates.setdefault(ids[0])
         return tuple(candidates)
 
     def sweep(
@@ -161,24 +229,31 @@ class Patchscope:
                 raise ProbeConfigError(forbidden, generate_kwargs[forbidden], "not given to sweep()", "Use layers=/target_layers= instead.")
         if expect is not None and (not isinstance(expect, str) or not expect.strip()):
             raise ProbeConfigError("expect", expect, "None or a non-empty string")
+        if not isinstance(clean, bool):
+            raise ProbeConfigError("clean", clean, "True or False")
         source_layers = _layer_list("layers", layers, self.model.n_layers)
         grid = target_layers is not None and target_layers != "same"
         if isinstance(target_layers, str) and target_layers != "same":
             raise ProbeConfigError("target_layers", target_layers, 'None, "same", or a range/list of layers')
         pairs: list[tuple[int, int | None]]
         if grid:
-            pairs = [(l, t) for l in source_layers for t in _layer_list("target_layers", target_layers, self.model.n_layers)]
+            into = _layer_list("target_layers", target_layers, self.model.n_layers)
+            pairs = [(source_layer, t) for source_layer in source_layers for t in into]
         else:
-            pairs = [(l, None) for l in source_layers]
-        probes = [self.probe(source, target, layer=l, target_layer=t, **generate_kwargs) for l, t in pairs]
+            pairs = [(source_layer, None) for source_layer in source_layers]
+        generate_kwargs["target_position"] = _default_target_position(target, generate_kwargs.get("target_position"))
+        probes = [self.probe(source, target, layer=source_layer, target_layer=t, **generate_kwargs) for source_layer, t in pairs]
         score_ids = self.expected_token_ids(expect) if expect is not None else ()
-        if not isinstance(clean, bool):
-            raise ProbeConfigError("clean", clean, "True or False")
         results = run_probes(self.engine, probes, score_ids=[score_ids] * len(probes), progress=self.progress, clean=clean)
         return self.profile_from_results(results, expect=expect, grid=grid)
 
     def profile_from_results(self, results: Sequence[PatchResult], *, expect: str | None, grid: bool) -> LocalizationProfile:
-        """Fold sweep results into a LocalizationProfile (the best-scoring expected first token)."""
+        """Fold sweep results into a LocalizationProfile.
+
+        A cell's logprob/rank are those of the best-scoring candidate first token of `expect` (see
+        `expected_token_ids`: every case and leading-space variant the case-insensitive hit test
+        accepts), so "paris" and "Paris" score alike.
+        """
         cells = []
         for result in results:
             best = max(result.scores.values(), default=None, key=lambda s: s[0])
@@ -200,4 +275,9 @@ class Patchscope:
             model=self.model.name,
             weights_hash=self.model.weights_hash,
             grid=grid,
+            architecture={
+                "n_layers": self.model.n_layers,
+                "d_model": self.model.d_model,
+                "vocab_size": int(self.model.hf.config.vocab_size),
+            },
         )

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from .errors import EngineError, ProbeConfigError
+
 if TYPE_CHECKING:
     import torch
 
@@ -50,6 +52,7 @@ class LayerKV:
         if self.keys is None:
             self.keys, self.values = keys, values
         else:
+            assert self.values is not None  # keys and values are always set together
             self.keys = torch.cat([self.keys, keys], dim=-2)
             self.values = torch.cat([self.values, values], dim=-2)
         return self.keys, self.values
@@ -57,6 +60,7 @@ class LayerKV:
     def select(self, index: "torch.Tensor | None") -> None:
         """Keep (and repeat) streams by index: a trunk that splits hands its history to each branch."""
         if index is not None and self.keys is not None:
+            assert self.values is not None  # keys and values are always set together
             self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
 
 
@@ -71,7 +75,7 @@ class StreamPlan:
         self.rows = list(rows)
         self.stream_of: list[dict[int, int]] = []
         self.reps: list[list[int]] = []  # a representative row of every stream
-        branch_at = {patch_layers[r] + 1 for r in self.rows if patch_layers[r] is not None}
+        branch_at = {layer + 1 for layer in [patch_layers[r] for r in self.rows] if layer is not None}
         for stage in range(n_layers + 1):
             if stage and stage not in branch_at:
                 self.stream_of.append(self.stream_of[-1])
@@ -117,13 +121,14 @@ class Patch:
     """h <- (1 - strength) * h + strength * vector(), at the first span token of `row`, after layer `layer`.
 
     `vector` is called when the patch is written: the source state it maps may be captured in the
-    same pass, at this layer or below.
+    same pass, at this layer or below. `mapping` names f for messages.
     """
 
     row: int
     layer: int
     vector: Callable[[], Any]
     strength: float
+    mapping: str = "identity"
 
 
 @dataclass(frozen=True)
@@ -148,7 +153,7 @@ class _StageTokens:
         self.seg: list[list[int]] = []  # its segment or stream: it sees that one's earlier tokens...
         self.pre: list[list[int]] = []  # ...and all of this segment (its prefix), -1 for none
         self.pos: list[list[int]] = []  # its position in its own prompt
-        self.tensors: dict[str, Any] = {}
+        self.tensors: dict[str | tuple[str, int, int], Any] = {}  # by table name, or ("kv", widths...)
 
 
 class PackedLayout:
@@ -206,18 +211,33 @@ class PackedLayout:
             return table.spans[where[1]] + where[2]
 
         for b, entries in enumerate(rows):
-            ids, origin, parent, seg, pre, pos = [], [], [], [], [], []
+            row_ids: list[int] = []
+            origin: list[int] = []
+            parent: list[int] = []
+            seg: list[int] = []
+            pre: list[int] = []
+            pos: list[int] = []
             for token, where_first, where_previous, segment, prefix, position in entries:
-                ids.append(token)
+                row_ids.append(token)
                 origin.append(flat(where_first, b, first))
                 parent.append(flat(where_previous, b, previous))
-                seg.append(segment), pre.append(prefix), pos.append(position)
-            while len(ids) < width:  # pads see only themselves
-                ids.append(0), origin.append(b * first.width if first else -1), parent.append(b * previous.width if previous else -1)
-                seg.append(next_pad), pre.append(-1), pos.append(0)
+                seg.append(segment)
+                pre.append(prefix)
+                pos.append(position)
+            while len(row_ids) < width:  # pads see only themselves
+                row_ids.append(0)
+                origin.append(b * first.width if first else -1)
+                parent.append(b * previous.width if previous else -1)
+                seg.append(next_pad)
+                pre.append(-1)
+                pos.append(0)
                 next_pad += 1
-            tokens.ids.append(ids), tokens.origin.append(origin), tokens.parent.append(parent)
-            tokens.seg.append(seg), tokens.pre.append(pre), tokens.pos.append(pos)
+            tokens.ids.append(row_ids)
+            tokens.origin.append(origin)
+            tokens.parent.append(parent)
+            tokens.seg.append(seg)
+            tokens.pre.append(pre)
+            tokens.pos.append(pos)
         return tokens
 
     def tensor(self, stage: int, name: str, device: Any, dtype: Any = None) -> "torch.Tensor":
@@ -243,6 +263,8 @@ class PackedLayout:
         import torch
 
         tokens = self.stages[stage]
+        keys, values = store.keys, store.values
+        assert keys is not None and values is not None  # the opening pass filled this layer's store
         key = ("kv", prefix_width, span_width)
         if key not in tokens.tensors:
             index = []
@@ -251,14 +273,14 @@ class PackedLayout:
                 prefix = [] if span.prefix is None else [self.segment_token(stage, span.prefix, t) for t in range(len(self.segments[span.prefix][0]))]
                 own = [tokens.spans[s] + t for t in range(len(span.ids))]
                 index.append([0] * (prefix_width - len(prefix)) + prefix + [0] * (span_width - len(own)) + own)
-            tokens.tensors[key] = torch.tensor(index, device=store.keys.device)
+            tokens.tensors[key] = torch.tensor(index, device=keys.device)
         pick = tokens.tensors[key]
 
         def per_stream(x: "torch.Tensor") -> "torch.Tensor":
             rows = x.transpose(1, 2).flatten(0, 1).index_select(0, pick.flatten())
             return rows.view(*pick.shape, *rows.shape[1:]).transpose(1, 2)
 
-        return LayerKV(per_stream(store.keys), per_stream(store.values))
+        return LayerKV(per_stream(keys), per_stream(values))
 
     def segment_token(self, stage: int, segment: int, index: int) -> int:
         """Flat index, at `stage`, of token `index` of a segment."""
@@ -316,12 +338,14 @@ def forward_opening(
     captures: dict[int, list[tuple[Any, int, int]]],
     states: dict[Any, dict[int, Any]],
     patches: Sequence[Patch] = (),
-) -> tuple["torch.Tensor | None", list[LayerKV]]:
+) -> tuple["torch.Tensor | None", list[LayerKV], dict[int, int]]:
     """The opening pass: every segment and every stream's span, packed, in one pass of the plain twin.
 
     Fills `states[key][layer]` for `captures` ({layer: [(key, segment, token index)]}) and writes the
-    patches; returns the last-span-token logits per final stream (None without streams) and each
-    layer's keys/values over its stage's tokens.
+    patches; returns the last-span-token logits per final stream (None without streams), each
+    layer's keys/values over its stage's tokens, and how many patches were written per row (for
+    the engine to check that none was lost). Patched values that are not finite (a huge strength
+    times f(h), beyond the model's dtype) are a ProbeConfigError.
     """
     import torch
 
@@ -333,6 +357,7 @@ def forward_opening(
     for patch in patches:
         by_layer.setdefault(patch.layer, []).append(patch)
     stores = [LayerKV(None, None) for _ in model.plain_layers]
+    written: dict[int, int] = {}
     final = len(layout.stages) - 1
     last = torch.tensor([layout.span_token(final, rep, len(layout.row_spans[rep].ids) - 1) for rep in plan.reps[-1]], device=device, dtype=torch.long)
 
@@ -360,11 +385,27 @@ def forward_opening(
         placed = by_layer.get(layer_index, [])
         if placed:
             flat = hidden.view(-1, hidden.shape[-1])
-            at = torch.tensor([layout.span_token(stage, p.row, 0) for p in placed], device=device)
+            tokens = [layout.span_token(stage, p.row, 0) for p in placed]
+            if len(set(tokens)) < len(tokens):
+                raise EngineError(f"patches of rows {[p.row for p in placed]} after layer {layer_index} share a token")
+            at = torch.tensor(tokens, device=device)
             vectors = torch.stack([p.vector() for p in placed]).to(device=device, dtype=hidden.dtype)
             strength = torch.tensor([p.strength for p in placed], device=device, dtype=hidden.dtype)[:, None]
             clean = flat[at]
-            flat[at] = clean + strength * (vectors - clean)
+            patched = clean + strength * (vectors - clean)
+            finite = torch.isfinite(patched).all(dim=-1).tolist()
+            if not all(finite):
+                bad = placed[finite.index(False)]
+                field, value = ("strength", bad.strength) if abs(bad.strength) > 1 else ("mapping", bad.mapping)
+                raise ProbeConfigError(
+                    field, value,
+                    f"a strength and mapping whose patch is finite in {hidden.dtype}; with strength={bad.strength:g} "
+                    f"and mapping {bad.mapping}, the patch after layer {layer_index} overflows",
+                    "Use a smaller strength or a mapping with smaller outputs.",
+                )
+            flat[at] = patched
+            for p in placed:
+                written[p.row] = written.get(p.row, 0) + 1
         if stage == final and plan.reps[-1]:
             # Only each final stream's last token goes on to the final norm and the logits, in a shape
             # whose length is stage 0's (GPT-2 views its output as the input's shape).
@@ -388,8 +429,8 @@ def forward_opening(
         for handle in handles:
             handle.remove()
     if not plan.reps[-1]:
-        return None, stores
-    return model.plain.get_output_embeddings()(hidden.flatten(0, 1)[: len(last)]), stores
+        return None, stores, written
+    return model.plain.get_output_embeddings()(hidden.flatten(0, 1)[: len(last)]), stores, written
 
 
 def forward_streams(

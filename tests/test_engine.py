@@ -5,15 +5,18 @@ probe alone and as a plain one-pass HF implementation; strength interpolates; ho
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
+from pytest_patchscope import ENTITY_DESCRIPTION, TOKEN_IDENTITY, Placeholder, Probe, Substring
+from pytest_patchscope.engine import PACK_TOKENS, Engine, _Row
+from pytest_patchscope.errors import EngineError, ProbeConfigError
+from pytest_patchscope.scope import Patchscope
+
 import hf_reference as ref
 from conftest import active_hooks
-from pytest_patchscope import ENTITY_DESCRIPTION, TOKEN_IDENTITY, Placeholder, Probe, Substring
-from pytest_patchscope.engine import Engine
-from pytest_patchscope.errors import ProbeConfigError
-from pytest_patchscope.scope import Patchscope
 
 SOURCES = ["The capital of France is", "Tokyo", "A much longer source prompt about the history of the Roman empire"]
 TARGETS = [
@@ -68,7 +71,8 @@ def test_memory_chunking_does_not_change_results(tiny_llama):
     probes = probes_mixed(tiny_llama.n_layers)
     whole = Patchscope(tiny_llama).run(probes)
     seen = []
-    chunked = Patchscope(tiny_llama, batch_memory_mb=0.5, progress=lambda done, total: seen.append((done, total))).run(probes)
+    # one tiny-llama row is about 0.7 MB (mostly its float32 logits over a 49k vocabulary)
+    chunked = Patchscope(tiny_llama, batch_memory_mb=1.5, progress=lambda done, total: seen.append((done, total))).run(probes)
     assert [r.tokens for r in whole] == [r.tokens for r in chunked]
     assert len(seen) > 2 and seen[-1][0] == seen[-1][1], "small memory bound should give several chunks"
 
@@ -123,6 +127,63 @@ def test_mapping_is_applied_to_the_source_state(tiny_llama):
     assert list(mapped.tokens) == ref.patched_generate(tiny_llama.hf, list(rp.target_ids), rp.target_index, 2, -vector, 6)
 
 
+def double_(h: torch.Tensor) -> torch.Tensor:
+    return h.mul_(2)
+
+
+def test_an_in_place_mapping_gets_its_own_copy_of_the_source_state(tiny_model):
+    """The rows of an l x l* grid map one captured source state; each must see it unchanged, so an
+    in-place f gives exactly what the out-of-place f gives (not h, 2h, 4h, ... down the grid)."""
+    scope = Patchscope(tiny_model)
+    kwargs = dict(layers=range(2), target_layers=range(4), target_position=Placeholder("x"), expect="Tokyo", max_new_tokens=4)
+    in_place = scope.sweep("Tokyo", "The capital city of x is", mapping=double_, **kwargs)
+    out_of_place = scope.sweep("Tokyo", "The capital city of x is", mapping=lambda h: h * 2, **kwargs)
+    assert [c.text for c in in_place.cells] == [c.text for c in out_of_place.cells]
+    assert [(c.logprob, c.rank) for c in in_place.cells] == [(c.logprob, c.rank) for c in out_of_place.cells]
+    assert len({c.text for c in in_place.cells}) > 1, "the grid should not be one repeated text: the test is vacuous"
+
+
+@pytest.mark.parametrize("fault", ["dropped", "written-twice"])
+def test_a_patch_that_is_not_written_exactly_once_is_an_internal_error(tiny_llama, monkeypatch, fault):
+    """A lost patch would pass for a probe that decodes nothing (nnsight #143/#502/#607)."""
+    import pytest_patchscope.engine as engine_module
+    from pytest_patchscope.streams import forward_opening
+
+    def faulty(model, layout, captures, states, patches):
+        patches = list(patches)
+        patches = patches[1:] if fault == "dropped" else patches + [dataclasses.replace(patches[0], layer=2)]
+        return forward_opening(model, layout, captures, states, patches)
+
+    scope = Patchscope(tiny_llama)
+    before = scope.generate("Tokyo", "Short x", layer=1, max_new_tokens=3)
+    monkeypatch.setattr(engine_module, "forward_opening", faulty)
+    times = 0 if fault == "dropped" else 2
+    with pytest.raises(EngineError, match=rf"internal error: the patch of row 0 \(after layer 1\) was written {times} times.*report"):
+        scope.generate("Tokyo", "Short x", layer=1, max_new_tokens=3)
+    monkeypatch.undo()
+    assert active_hooks(tiny_llama) == []
+    assert scope.generate("Tokyo", "Short x", layer=1, max_new_tokens=3).tokens == before.tokens
+
+
+def test_row_memory_counts_the_model_dtype_and_the_opening_masks(tiny_llama):
+    """Values take the model's element size (logits stay float32); every stage of the opening pass
+    keeps a float (W x W) mask, so a long prompt costs at least (n_layers + 1) T^2 elements."""
+    from types import SimpleNamespace
+
+    def engine(dtype: torch.dtype) -> Engine:
+        hf = SimpleNamespace(config=tiny_llama.hf.config, parameters=lambda: iter([torch.zeros(1, dtype=dtype)]))
+        return Engine(SimpleNamespace(hf=hf, n_layers=tiny_llama.n_layers, d_model=tiny_llama.d_model))
+
+    short = _Row(target_ids=tuple(range(8)), split=7, source=((5, 6, 7), 2), max_new_tokens=4)
+    logits = 4 * 3 * tiny_llama.hf.config.vocab_size
+    full, half = engine(torch.float32)._row_bytes(short), engine(torch.bfloat16)._row_bytes(short)
+    assert full - logits == 2 * (half - logits) > 0
+    masks = (tiny_llama.n_layers + 1) * 11 * PACK_TOKENS * 4
+    assert full - logits > masks
+    long = _Row(target_ids=tuple(range(2000)), split=0, max_new_tokens=4)
+    assert engine(torch.float32)._row_bytes(long) > (tiny_llama.n_layers + 1) * 2000**2 * 4
+
+
 def test_affine_mapping_round_trips_through_a_file(tmp_path, tiny_llama):
     from pytest_patchscope import AffineMapping
 
@@ -135,7 +196,7 @@ def test_affine_mapping_round_trips_through_a_file(tmp_path, tiny_llama):
     loaded = AffineMapping.load(tmp_path / "map.safetensors")
     assert loaded.name == "test-affine" and torch.equal(loaded.weight, fitted.weight)
     result = Patchscope(tiny_llama).generate("Tokyo", "Short x", layer=0, mapping=loaded, max_new_tokens=3)
-    assert result.probe.identity()["mapping"] == "test-affine"
+    assert result.probe.identity()["mapping"].startswith("test-affine")  # plus a hash of its weights (mapping_identity)
 
 
 def test_positions_resolve_to_tokenizer_indices(tiny_llama):
@@ -263,6 +324,22 @@ def test_sweep_profile_and_grid(tiny_llama):
     assert grid.grid and len(grid.cells) == 6
     assert {(c.layer, c.target_layer) for c in grid.cells} == {(l, t) for l in (0, 1) for t in range(3)}
     assert "l*" in grid.table()
+
+
+def test_the_expected_answer_scores_in_any_case(default_scope):
+    """The hit test is case-insensitive, so the score is too: "paris" is scored on its best-scoring
+    spelling (" Paris"), not on the first token of "paris" ("par", far down the ranks)."""
+    from pytest_patchscope.presets import TOKEN_IDENTITY
+
+    def cell(expect: str):
+        return default_scope.sweep("The capital of France is", TOKEN_IDENTITY, layers=[27], expect=expect, max_new_tokens=4).cells[0]
+
+    lower, written = cell("paris"), cell("Paris")
+    assert lower.hit and written.hit
+    assert (lower.logprob, lower.rank) == (written.logprob, written.rank)
+    assert written.rank == 0 and written.logprob > -0.5
+    paris = default_scope.model.tokenize(" Paris")[-1]
+    assert paris in default_scope.expected_token_ids("paris") and paris in default_scope.expected_token_ids("PARIS")
 
 
 def test_plain_twin_shares_the_weights_and_computes_the_same(tiny_model):

@@ -146,9 +146,16 @@ def test_failure_message_reads_like_pytest(pytester, tiny_args):
 
 
 def test_a_failed_probe_leaves_no_hook_for_the_next_test(pytester, tiny_args):
+    """The engine hooks the plain twin's decoder layers (the bridge's hook points stay unused), so
+    the check looks there too, as conftest.active_hooks does; a planted hook shows it can fail."""
     pytester.makepyfile(
         """
         import pytest
+
+        def hooked(model):
+            bridge = [n for n, hp in model.bridge.hook_dict.items() if hp.fwd_hooks or hp.bwd_hooks]
+            twin = [n for n, m in model.plain.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+            return bridge + twin
 
         def boom(h):
             raise RuntimeError("mapping exploded")
@@ -157,12 +164,18 @@ def test_a_failed_probe_leaves_no_hook_for_the_next_test(pytester, tiny_args):
             patchscope.generate("Tokyo", "Short x", layer=1, mapping=boom)
 
         def test_next_is_clean(patchscope):
-            hooked = [n for n, hp in patchscope.model.bridge.hook_dict.items() if hp.fwd_hooks]
-            assert hooked == []
+            assert hooked(patchscope.model) == []
+
+        def test_the_check_sees_a_hook_on_the_twin(patchscope):
+            handle = patchscope.model.plain_layers[1].register_forward_hook(lambda *args: None)
+            try:
+                assert hooked(patchscope.model) != []
+            finally:
+                handle.remove()
         """
     )
     result = pytester.runpytest(*tiny_args)
-    result.assert_outcomes(failed=1, passed=1)
+    result.assert_outcomes(failed=1, passed=2)
     result.stdout.fnmatch_lines(["*ProbeConfigError: mapping=*RuntimeError: mapping exploded*"])
 
 
@@ -215,3 +228,15 @@ def test_hypothesis_given_works_with_the_session_fixture(pytester, tiny_args):
     )
     result = pytester.runpytest(*tiny_args)
     result.assert_outcomes(passed=1)
+
+
+def test_a_placeholder_warning_points_at_the_test_line_through_the_fixture(pytester, tiny_args):
+    pytester.makepyfile(
+        test_warn="""
+        def test_unpatched_x(patchscope):
+            patchscope.generate("Tokyo", "The capital city of x is", layer=0, max_new_tokens=2)
+        """
+    )
+    result = pytester.runpytest(*tiny_args)
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*test_warn.py:2: PatchscopeWarning: target 'The capital city of x is' has a placeholder-like 'x'*"])

@@ -5,13 +5,16 @@ tiny models against the independent HF implementation, with rows built to agree 
 """
 from __future__ import annotations
 
+import pytest
 import torch
+
+from pytest_patchscope import Placeholder, Probe
+from pytest_patchscope.errors import EngineError
+from pytest_patchscope.scope import Patchscope
+from pytest_patchscope.streams import LayerKV, PackedLayout, StreamPlan
 
 import hf_reference as ref
 from conftest import active_hooks
-from pytest_patchscope import Probe
-from pytest_patchscope.scope import Patchscope
-from pytest_patchscope.streams import LayerKV, StreamPlan
 
 
 def test_a_sweep_shares_every_layer_below_each_patch():
@@ -54,7 +57,7 @@ def test_each_layer_runs_once_per_stream_in_a_sweep(tiny_llama):
         for j, layer in enumerate(tiny_llama.plain_layers)
     ]
     try:
-        scope.sweep("Tokyo", "The capital city of x is", layers=range(n), max_new_tokens=3)
+        scope.sweep("Tokyo", "The capital city of x is", layers=range(n), target_position=-1, max_new_tokens=3)
     finally:
         for handle in handles:
             handle.remove()
@@ -89,3 +92,31 @@ def test_rows_that_agree_share_and_still_equal_the_reference(tiny_model):
         vector = ref.source_state(hf, list(rp.source_ids), rp.source_index, rp.layer)
         expected = ref.patched_generate(hf, list(rp.target_ids), rp.target_index, rp.target_layer, vector, 6)
         assert list(result.tokens) == expected, rp.probe.describe()
+
+
+def test_the_opening_pass_writes_every_patch_of_a_grid_once(tiny_llama, monkeypatch):
+    import pytest_patchscope.engine as engine_module
+    from pytest_patchscope.streams import forward_opening
+
+    counts = []
+
+    def counting(*args, **kwargs):
+        logits, kv, written = forward_opening(*args, **kwargs)
+        counts.append(dict(written))
+        return logits, kv, written
+
+    monkeypatch.setattr(engine_module, "forward_opening", counting)
+    n = tiny_llama.n_layers
+    Patchscope(tiny_llama).sweep("Tokyo", "The capital city of x is", layers=range(n), target_layers=range(n),
+                                 target_position=Placeholder("x"), max_new_tokens=2)
+    patched = [c for c in counts if c]  # an earlier pass may capture sources above their patch layer
+    assert len(patched) == 1 and len(patched[0]) == n * n and set(patched[0].values()) == {1}  # the clean row has none
+
+
+def test_two_patches_on_one_token_are_an_internal_error(tiny_llama, monkeypatch):
+    """If the layout ever put two rows' patches on one token, one would silently overwrite the other."""
+    scope = Patchscope(tiny_llama)
+    monkeypatch.setattr(PackedLayout, "span_token", lambda self, stage, row, index: 0)
+    with pytest.raises(EngineError, match=r"internal error: patches of rows \[\d+, \d+\] after layer 1 share a token"):
+        scope.run([Probe("Tokyo", "Short x", layer=1), Probe("Paris", "Short x", layer=1)])
+    assert active_hooks(tiny_llama) == []
