@@ -147,7 +147,9 @@ def split_documents(documents: Sequence[str], seed: int) -> tuple[list[int], lis
     order = list(range(len(documents)))
     random.Random(f"split:{seed}").shuffle(order)
     total = sum(len(documents[k]) for k in order)
-    evaluation, training, used = [], [], 0
+    evaluation: list[int] = []
+    training: list[int] = []
+    used = 0
     for k in order:
         (evaluation if used < total / 2 else training).append(k)
         used += len(documents[k])
@@ -248,7 +250,7 @@ def capture_states(
         by_length.setdefault(len(ids), []).append(k)
     last_only = first_position is None
     for length, members in sorted(by_length.items()):
-        if not last_only and length <= first_position:
+        if first_position is not None and length <= first_position:  # i.e. not last_only
             for layer in wanted:
                 for k in members:
                     out[layer][k] = torch.zeros(0, model.d_model)
@@ -257,7 +259,8 @@ def capture_states(
             batch = members[start: start + batch_size]
             store: dict[int, torch.Tensor] = {}
 
-            def make_hook(layer: int) -> Callable[..., Any]:
+            # `store` is bound as a default: the hooks only run in this iteration's forward pass.
+            def make_hook(layer: int, store: dict[int, torch.Tensor] = store) -> Callable[..., Any]:
                 def hook(value: torch.Tensor, hook: Any) -> torch.Tensor:
                     picked = value[:, -1] if last_only else value[:, first_position:]
                     store[layer] = picked.detach().to("cpu", torch.float32).clone()
@@ -265,10 +268,10 @@ def capture_states(
 
                 return hook
 
-            ids = torch.tensor([list(prompts[k]) for k in batch], device=model.device)
+            batch_ids = torch.tensor([list(prompts[k]) for k in batch], device=model.device)
             hooks = [(model.hook_name(layer), make_hook(layer)) for layer in wanted]
             with torch.no_grad(), model.bridge.hooks(fwd_hooks=hooks):
-                logits = model.hf(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1].float()
+                logits = model.hf(input_ids=batch_ids, use_cache=False, logits_to_keep=1).logits[:, -1].float()
             if last_only:
                 logprobs = torch.log_softmax(logits, dim=-1)
                 top = logprobs.argmax(dim=-1)
@@ -660,7 +663,7 @@ def _matplotlib() -> tuple[Any, Any]:
 
 def plot_nexttoken(report: NextTokenReport, path: str | Path) -> Path:
     """Fig. 2 of the paper for this model: Precision@1 (left) and surprisal (right) over layers."""
-    from .baseline import atomic_write
+    from .fileio import atomic_write
 
     Figure, FigureCanvasAgg = _matplotlib()
     fig = Figure(figsize=(10, 3.8), layout="constrained")
@@ -691,7 +694,7 @@ def write_outputs(
     report: NextTokenReport, out: str | Path, *, maps: dict[int, "AffineMapping"] | None = None, plot: bool = True, log: Log = _quiet
 ) -> dict[str, str]:
     """Write the tables, per-sample tops, affine maps and (plot=True) the figure into `out`."""
-    from .baseline import atomic_write
+    from .fileio import atomic_write
 
     directory = Path(out)
     files = {
@@ -752,7 +755,9 @@ def build_parser() -> argparse.ArgumentParser:
     nt.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     nt.add_argument("--min-tokens", type=int, default=DEFAULT_MIN_TOKENS, help=f"shortest prompt window (default {DEFAULT_MIN_TOKENS})")
     nt.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help=f"longest prompt window (default {DEFAULT_MAX_TOKENS})")
-    nt.add_argument("--batch-memory-mb", type=float, default=DEFAULT_BATCH_MEMORY_MB, help=f"memory bound of one probe batch (default {DEFAULT_BATCH_MEMORY_MB})")
+    nt.add_argument(
+        "--batch-memory-mb", type=float, default=DEFAULT_BATCH_MEMORY_MB, help=f"memory bound of one probe batch (default {DEFAULT_BATCH_MEMORY_MB})"
+    )
     nt.add_argument("--no-plot", action="store_true", help="do not draw nexttoken.png")
     return parser
 

@@ -1,27 +1,35 @@
 """The knowledge-localization gate: record profiles, compare them, merge xdist workers, report.
 
 `patchscope.record(profile)` compares a sweep's LocalizationProfile with its baseline entry (or
-with the same sweep on `--patchscope-compare-model`), fails the test on a regression, and adds it
-to the session summary. Only the controller writes the baseline and the reports.
+with the same sweep on `--patchscope-compare-model`), fails the test on a regression or a missing
+entry, and adds it to the session summary. Only the controller writes the baseline and reports.
+A gate is never silent: entries that matched nothing, probes without an entry, and a baseline
+from another checkpoint are always said out loud.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .baseline import (
+from .baseline.comparator import Comparison, Tolerances, architecture_mismatch, compare_profiles
+from .baseline.keys import anchored_test_id, profile_key, project_root
+from .baseline.render import render_comparison
+from .baseline.serializer import (
+    REWRITE_OPTION,
+    UPDATE_OPTION,
     BaselineFile,
-    Tolerances,
-    compare_profiles,
-    deserialize_profile,
-    profile_key,
-    serialize_profile,
-    write_baseline,
+    Entry,
+    describe_checkpoint,
+    from_json,
+    to_json,
 )
-from .errors import PatchscopeError, ProbeConfigError
+from .baseline.storage import read_baseline, update_baseline
+from .errors import BaselineError, PatchscopeError, ProbeConfigError
+from .options import flag_setting, path_setting
 from .report import (
     SessionSummary,
     junit_properties,
@@ -35,25 +43,39 @@ if TYPE_CHECKING:
     from .profile import LocalizationProfile
 
 TOLERANCE_MARKER = "patchscope_tolerance"
+ALLOW_NEW_OPTION = "--patchscope-allow-new"
 REPORT_RECORDS_ATTR = "patchscope_records"
 """TestReport attribute: the records a worker made during that phase, streamed to the controller
 with the report itself, so a worker that crashes later loses none of them."""
 WORKEROUTPUT_KEY = "patchscope_records_streamed"
 """workeroutput key: how many records the worker streamed (present only if it finished)."""
+PARTIAL_OUTPUT_KEY = "patchscope_partial"
+"""workeroutput key: why a worker ran only part of the suite (deselection), for the update rules."""
 SETUP_OUTPUT_KEY = "patchscope_setup"
 """workeroutput key: the worker's WorkerSetup.summary() line (written by plugin.py)."""
-BASELINE_INPUT_KEY = "patchscope_baseline_entries"
-"""workerinput key: the controller's baseline entries, so every worker (on any host) compares
+BASELINE_INPUT_KEY = "patchscope_baseline_text"
+"""workerinput key: the controller's baseline file text, so every worker (on any host) compares
 against the same baseline, even where the baseline path does not exist or differs on its host."""
+REPORT_OPTIONS = ("patchscope_report", "patchscope_report_md", "patchscope_heatmap")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("patchscope")
     group.addoption("--patchscope-baseline", dest="patchscope_baseline", metavar="PATH", default=None,
-                    help="Baseline file of localization profiles to compare against. [ini: patchscope_baseline]")
-    parser.addini("patchscope_baseline", help="Baseline file of localization profiles to compare against.")
-    group.addoption("--patchscope-update-baseline", action="store_true", default=False,
-                    help="Write this run's recorded profiles into the baseline instead of failing on changes.")
+                    help="Baseline file of localization profiles to compare against (relative to the working "
+                    "directory; the ini key is relative to the ini file). [ini: patchscope_baseline]")
+    parser.addini("patchscope_baseline", help="Baseline file of localization profiles (relative to this ini file).")
+    group.addoption(UPDATE_OPTION, dest="patchscope_update_baseline", action="store_true", default=False,
+                    help="Merge this run's recorded profiles into the baseline instead of failing on changes. Entries "
+                    "nothing recorded are removed only when the whole suite ran and their test passed.")
+    group.addoption(REWRITE_OPTION, dest="patchscope_rewrite_baseline", action="store_true", default=False,
+                    help="Replace the baseline with exactly this run's profiles (also an unreadable, older-format or "
+                    "other-checkpoint file). Refused unless the whole suite ran.")
+    group.addoption(ALLOW_NEW_OPTION, dest="patchscope_allow_new", action="store_true", default=False,
+                    help="Let probes without a baseline entry pass (reported 'new') instead of failing. "
+                    "[ini: patchscope_allow_new]")
+    parser.addini("patchscope_allow_new", type="bool", default=False,
+                  help="Let probes without a baseline entry pass (reported 'new').")
     group.addoption("--patchscope-compare-model", dest="patchscope_compare_model", metavar="REF", default=None,
                     help="Reference checkpoint: run every recorded sweep on it too and compare (no baseline file). "
                     "[ini: patchscope_compare_model]")
@@ -74,10 +96,11 @@ def pytest_configure(config: pytest.Config) -> None:
         f"{TOLERANCE_MARKER}(**tolerances): per-test comparison tolerances, e.g. max_first_hit_shift=4.",
     )
     try:
-        gate = Gate(config)
+        gate = Gate.from_config(config)
     except PatchscopeError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[GATE_KEY] = gate
+    config.pluginmanager.register(SessionWatch(gate), "patchscope-session-watch")
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(XdistMerge(gate), "patchscope-xdist-merge")
 
@@ -98,47 +121,126 @@ def _parse_tolerances(raw: list[str]) -> dict[str, Any]:
     return values
 
 
-def _ini_path(config: pytest.Config, option: str) -> Path | None:
-    raw = config.getoption(option, None)
-    if raw:
-        return Path(raw).expanduser().absolute()
-    raw = config.getini(option)
-    return (config.rootpath / raw).absolute() if raw else None
+def _is_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def _check_writable_folder(path: Path) -> None:
+    folder = path.parent
+    if not folder.is_dir():
+        raise BaselineError(
+            f"--patchscope-baseline={path}: its folder {folder} does not exist. Create it (mkdir -p {folder}) "
+            "or point the option at an existing folder."
+        )
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.R_OK)):
+        raise BaselineError(f"--patchscope-baseline={path}: {folder} is not writable here. Choose a writable path.")
+
+
+@dataclass
+class SessionScope:
+    """What part of the suite this session ran, for deciding which unrecorded entries may go."""
+
+    partial: list[str] = field(default_factory=list)
+    """Why the session did not run the whole suite (-k, -m, deselection, collection errors, ...)."""
+    not_passed: set[str] = field(default_factory=set)
+    """Test ids (see keys.anchored_test_id) that failed, errored or were skipped: their entries are kept."""
+    roots: list[Path] = field(default_factory=list)
+    """The files and folders the session collected from: entries of tests outside them are kept."""
 
 
 class Gate:
-    """Per-process gate state: the baseline, tolerances, this process's records."""
+    """Per-process gate state: the settings, the baseline, and this process's records."""
 
-    def __init__(self, config: pytest.Config) -> None:
+    def __init__(
+        self,
+        config: pytest.Config,
+        *,
+        baseline_path: Path | None,
+        baseline: BaselineFile | None,
+        update: bool,
+        rewrite: bool,
+        allow_new: bool,
+        compare_spec: str | None,
+        tolerances: Tolerances,
+        replacing: bool = False,
+    ) -> None:
         self.config = config
-        self.update = bool(config.getoption("patchscope_update_baseline", False))
-        self.baseline_path = _ini_path(config, "patchscope_baseline")
-        compare = config.getoption("patchscope_compare_model", None) or config.getini("patchscope_compare_model")
-        self.compare_spec: str | None = None
-        if compare:
-            self.compare_spec = compare if compare == "default" else str(Path(compare).expanduser().absolute())
-        if self.update and self.baseline_path is None:
-            raise ProbeConfigError(
-                "--patchscope-update-baseline", True, "used together with --patchscope-baseline PATH "
-                "(or the ini key patchscope_baseline)",
-            )
-        shipped = getattr(config, "workerinput", {}).get(BASELINE_INPUT_KEY)
-        if shipped is not None:
-            entries = {key: deserialize_profile(entry) for key, entry in shipped.items()}
-            self.baseline: BaselineFile | None = BaselineFile(Path(self.baseline_path or ""), entries)
-        else:
-            self.baseline = BaselineFile.read(self.baseline_path) if self.baseline_path else None
-        self.tolerances = Tolerances().merged(**_parse_tolerances(config.getini("patchscope_tolerances")))
+        self.baseline_path = baseline_path
+        self.baseline = baseline
+        self.update = update or rewrite
+        self.rewrite = rewrite
+        self.allow_new = allow_new
+        self.compare_spec = compare_spec
+        self.tolerances = tolerances
+        self.replacing = replacing
+        """The baseline file is unreadable or of an older format, and the rewrite replaces it."""
         self.summary = SessionSummary()
         self.keys_seen: dict[str, str] = {}
         self.reference_profiles: dict[int, tuple["LocalizationProfile", "LocalizationProfile"]] = {}
+        self.entries: dict[str, Entry] = {}
         self.dead_workers: dict[str, list[str]] = {}
         self.worker_setups: dict[str, str] = {}
         self.crashed_by_worker: dict[str, list[str]] = {}
         self.worker = os.environ.get("PYTEST_XDIST_WORKER", "")
         self.unsent: list[Any] = []  # worker side: records not yet attached to a report
         self.streamed = 0
+        self.scope = SessionScope()
+        self.header_lines: list[str] = []
+        """What the run compared with (shown first in the summary)."""
+        self.finish_lines: list[str] = []
+        """What the end of the session did to the baseline (shown after the probes)."""
         self.finish_errors: list[str] = []
+
+    @classmethod
+    def from_config(cls, config: pytest.Config) -> "Gate":
+        """Read and check every gate setting; raise PatchscopeError before any test runs."""
+        update = bool(config.getoption("patchscope_update_baseline", False))
+        rewrite = bool(config.getoption("patchscope_rewrite_baseline", False))
+        raw_path = path_setting(config, "patchscope_baseline")
+        baseline_path = None if raw_path is None else Path(raw_path)
+        compare_spec = path_setting(config, "patchscope_compare_model", keep=("default",))
+        if update and rewrite:
+            raise ProbeConfigError(UPDATE_OPTION, True, f"used without {REWRITE_OPTION}: pass one of the two")
+        writing = UPDATE_OPTION if update else REWRITE_OPTION if rewrite else None
+        if writing and baseline_path is None:
+            raise ProbeConfigError(
+                writing, True, "used together with --patchscope-baseline PATH (or the ini key patchscope_baseline)"
+            )
+        if writing and compare_spec is not None:
+            raise ProbeConfigError(
+                writing, True, "used without --patchscope-compare-model",
+                "A comparison with a reference model writes no baseline; run the two separately.",
+            )
+        if baseline_path is not None and compare_spec is not None:
+            raise ProbeConfigError(
+                "--patchscope-compare-model", compare_spec, "used without --patchscope-baseline",
+                "Gate against either a baseline file or a reference model, not both.",
+            )
+        allow_new = flag_setting(config, "patchscope_allow_new")
+        baseline: BaselineFile | None = None
+        replacing = False
+        shipped = getattr(config, "workerinput", {}).get(BASELINE_INPUT_KEY)
+        if shipped is not None:
+            baseline = from_json(shipped, baseline_path or Path("baseline"))
+        elif baseline_path is not None and not _is_worker(config):
+            if writing:
+                _check_writable_folder(baseline_path)
+            try:
+                baseline = read_baseline(baseline_path)
+            except BaselineError:
+                if not rewrite:
+                    raise
+                replacing = True
+            if baseline is None and not writing and not allow_new:
+                raise BaselineError(
+                    f"baseline {baseline_path} does not exist, so this gate would compare nothing. Record it first "
+                    f"with {UPDATE_OPTION}, check the path, or pass {ALLOW_NEW_OPTION} to report every probe as new."
+                )
+        tolerances = Tolerances().merged(**_parse_tolerances(config.getini("patchscope_tolerances")))
+        return cls(
+            config, baseline_path=baseline_path, baseline=baseline, update=update, rewrite=rewrite,
+            allow_new=allow_new, compare_spec=compare_spec, tolerances=tolerances, replacing=replacing,
+        )
 
     @property
     def active(self) -> bool:
@@ -160,9 +262,16 @@ class Gate:
     def record(self, item: pytest.Item, profile: "LocalizationProfile", key: str | None, tolerances: dict[str, Any]) -> Any:
         """Compare `profile` with its baseline (or reference) entry; fail the test on a regression."""
         __tracebackhide__ = True
+        if profile.probe.get("mapping", "identity") is None:
+            raise ProbeConfigError(
+                "mapping", profile.probe.get("unstable_mapping"), "a mapping with a stable identity to record()",
+                "A lambda, a local function or a functools.partial has none: two different ones would share one "
+                "baseline entry. Define it with def at module level, give it a name (f.name = 'double'), or use "
+                "an AffineMapping or another torch.nn.Module (identified by its weights).",
+            )
+        test = anchored_test_id(item.path, item.nodeid, self.config.rootpath)
         if key is None:
-            path = Path(str(item.path)).resolve().relative_to(self.config.rootpath.resolve()).as_posix()
-            key = profile_key(path, item.name, profile.probe)
+            key = profile_key(test, profile.probe)
         elif not isinstance(key, str) or not key.strip():
             raise ProbeConfigError("key", key, "None (derived from the test) or a non-empty string")
         if key in self.keys_seen:
@@ -173,23 +282,86 @@ class Gate:
         self.keys_seen[key] = item.nodeid
         marker = item.get_closest_marker(TOLERANCE_MARKER)
         tol = self.tolerances.merged(**(marker.kwargs if marker else {}), **tolerances)
-        if self.compare_spec is not None:
-            baseline = self.take_reference(profile)
-        else:
-            baseline = self.baseline.get(key) if self.baseline is not None else None
-        outcome = compare_profiles(baseline, profile, tol) if self.active else profile
-        record = self.summary.add(key, outcome, item.nodeid, self.worker)
+        baseline = self._baseline_for(key, profile)
+        if baseline is not None:
+            mismatch = architecture_mismatch(baseline, profile)
+            if mismatch:
+                where = f"reference model {self.compare_spec}" if self.compare_spec else f"baseline {self.baseline_path}"
+                pytest.fail(f"patchscope: {where}: {mismatch}", pytrace=False)
+        outcome: Comparison | LocalizationProfile = compare_profiles(baseline, profile, tol) if self.active else profile
+        if isinstance(outcome, Comparison) and outcome.status == "new" and not self.compare_spec:
+            if not (self.update or self.allow_new):
+                outcome.status = "missing"
+                outcome.reasons = [
+                    f"no entry for key {key!r} in baseline {self.baseline_path}. Record the probe with "
+                    f"{UPDATE_OPTION}, or pass {ALLOW_NEW_OPTION} (ini patchscope_allow_new) for a change that adds tests"
+                ]
+        record = self.summary.add(key, outcome, item.nodeid, self.worker, test)
         if _is_worker(self.config):
             self.unsent.append(record)
         for name, value in junit_properties(outcome):
             item.user_properties.append((name, value))
-        if getattr(outcome, "regressed", False) and not self.update:
-            pytest.fail(outcome.render(), pytrace=False)
+        if isinstance(outcome, Comparison) and outcome.failed and not self.update:
+            pytest.fail(render_comparison(outcome), pytrace=False)
         return outcome
 
+    def _baseline_for(self, key: str, profile: "LocalizationProfile") -> "LocalizationProfile | None":
+        if self.compare_spec is not None:
+            return self.take_reference(profile)
+        return self.baseline.profile(key) if self.baseline is not None else None
+
+    # ---- collecting what ran (controller) ----------------------------------------------------
+    def note_report(self, report: pytest.TestReport | pytest.CollectReport) -> None:
+        """Remember failed collections and tests that did not pass (their entries are never removed)."""
+        if isinstance(report, pytest.CollectReport):
+            if report.failed:
+                self.scope.partial.append(f"collection error in {report.nodeid or 'the session'}")
+            return
+        if report.failed or report.skipped:
+            path = self.config.rootpath / report.nodeid.split("::", 1)[0]
+            self.scope.not_passed.add(anchored_test_id(path, report.nodeid, self.config.rootpath))
+
+    def _session_partial(self, session: pytest.Session, exitstatus: int) -> tuple[list[str], list[str]]:
+        """(why no baseline may be written at all, why the session ran only part of the suite)."""
+        stop: list[str] = []
+        dsession = self.config.pluginmanager.getplugin("dsession")
+        for reason in (session.shouldfail, session.shouldstop, getattr(dsession, "shouldstop", False)):
+            if reason:
+                stop.append(f"the session stopped early ({reason})")
+        if exitstatus == pytest.ExitCode.INTERRUPTED and not stop:
+            stop.append("the session was interrupted")
+        if self.dead_workers:
+            stop.append(f"worker(s) {', '.join(sorted(self.dead_workers))} crashed")
+        partial = list(self.scope.partial)
+        option = self.config.option
+        if getattr(option, "keyword", ""):
+            partial.append(f"-k {option.keyword!r}")
+        if getattr(option, "markexpr", ""):
+            partial.append(f"-m {option.markexpr!r}")
+        from_testpaths = self.config.args_source == pytest.Config.ArgsSource.TESTPATHS
+        base = self.config.rootpath if from_testpaths else self.config.invocation_params.dir
+        for arg in self.config.args:
+            if "::" in arg:
+                partial.append(f"the test id {arg}")
+            else:
+                self.scope.roots.append(Path(os.path.abspath(base / arg)))
+        return stop, partial
+
+    def _may_remove(self, key: str, entry: Entry) -> bool:
+        """An unrecorded entry goes only if its test passed (or no longer exists) within the collected paths."""
+        if entry.test in self.scope.not_passed:
+            return False
+        file_part = entry.test.split("::", 1)[0]
+        for root in self.scope.roots:
+            project = project_root(root if root.is_dir() else root.parent) or self.config.rootpath
+            absolute = Path(os.path.abspath(project / file_part))
+            if absolute == root or root in absolute.parents:
+                return True
+        return False
+
     # ---- end of session (controller only) --------------------------------------------------
-    def finish(self) -> list[str]:
-        """Write the baseline (update mode) and the reports; returns error lines to show."""
+    def finish(self, session: pytest.Session, exitstatus: int) -> None:
+        """Write the baseline (update mode) and the reports; fills finish_lines and finish_errors."""
         # Within one process record() refuses a key used twice; across xdist workers only here.
         errors = [
             str(ProbeConfigError(
@@ -198,24 +370,76 @@ class Gate:
             ))
             for key, nodeids in _duplicate_keys(self.summary).items()
         ]
-        if self.update and self.baseline_path is not None and self.summary.records and not errors:
-            try:
-                write_baseline(self.baseline_path, self.summary.profiles())
-            except PatchscopeError as exc:
-                errors.append(str(exc))
-        writers = [
-            ("patchscope_report", write_json_report),
-            ("patchscope_report_md", write_markdown_report),
-            ("patchscope_heatmap", write_heatmaps),
-        ]
-        for option, writer in writers:
-            target = self.config.getoption(option, None)
+        self.header_lines = self._checkpoint_lines()
+        lines: list[str] = []
+        self.entries = {r.key: Entry(r.profile, r.test) for r in self.summary.records}
+        if self.baseline is not None and self.compare_spec is None:
+            self.summary.unused = sorted(set(self.baseline.entries) - set(self.entries))
+        if self.update and self.baseline_path is not None:
+            stop, partial = self._session_partial(session, exitstatus)
+            if errors:
+                errors.append(f"baseline {self.baseline_path} not written: fix the duplicate keys first.")
+            elif stop:
+                lines.append(f"baseline not written: {'; '.join(stop)}. Rerun the update to completion.")
+            elif not self.entries:
+                lines.append(f"baseline not written: this run recorded no probe ({self.baseline_path} is unchanged).")
+            elif self.rewrite and partial:
+                errors.append(
+                    f"baseline {self.baseline_path} not rewritten: {REWRITE_OPTION} replaces the whole file, but this "
+                    f"session ran only part of the suite ({'; '.join(partial)}). Run the whole suite, or use {UPDATE_OPTION}."
+                )
+            else:
+                try:
+                    result = update_baseline(
+                        self.baseline_path, self.entries, rewrite=self.rewrite,
+                        may_remove=(lambda key, entry: False) if partial else self._may_remove,
+                    )
+                except PatchscopeError as exc:
+                    errors.append(str(exc))
+                else:
+                    lines.append(f"baseline written: {self.baseline_path} ({result.recorded} probe{'s' if result.recorded != 1 else ''})")
+                    if result.removed:
+                        lines.append(f"removed {_entries(len(result.removed))} that nothing recorded: {', '.join(result.removed)}")
+                    if result.kept_unused:
+                        why = f"this session ran part of the suite ({'; '.join(partial)})" if partial else (
+                            "their tests did not run, did not pass, or lie outside the collected paths")
+                        lines.append(f"kept {_entries(len(result.kept_unused))} that nothing recorded: {why}")
+                    if result.stale_temps:
+                        lines.append(f"removed {len(result.stale_temps)} temp file(s) left by a killed writer")
+        for option, writer in zip(REPORT_OPTIONS, (write_json_report, write_markdown_report, write_heatmaps)):
+            target = path_setting(self.config, option)
             if target:
                 try:
                     writer(Path(target), self.summary)
                 except PatchscopeError as exc:
                     errors.append(str(exc))
-        return errors
+        self.finish_lines, self.finish_errors = lines, errors
+
+    def _checkpoint_lines(self) -> list[str]:
+        """Always say what the run compares with, and when that is another checkpoint."""
+        if self.compare_spec is not None:
+            return [f"reference model: {self.compare_spec}"]
+        if self.baseline is None:
+            if self.baseline_path is None:
+                return []
+            state = f"unreadable or of an older format; {REWRITE_OPTION} replaces it" if self.replacing else "no file yet"
+            return [f"baseline: {self.baseline_path} ({state})"]
+        lines = [f"baseline: {self.baseline_path} ({len(self.baseline.entries)} entries, {self.baseline.checkpoint})"]
+        runs = sorted({describe_checkpoint(r.profile.model, r.profile.weights_hash) for r in self.summary.records})
+        others = [run for run in runs if run != self.baseline.checkpoint]
+        if others:
+            lines.append(
+                f"the baseline comes from another checkpoint ({self.baseline.checkpoint}) than this run "
+                f"({', '.join(runs)}): this run compares two checkpoints"
+            )
+        return lines
+
+    def baseline_text(self) -> str | None:
+        return None if self.baseline is None else to_json(self.baseline)
+
+
+def _entries(n: int) -> str:
+    return f"{n} baseline entr{'y' if n == 1 else 'ies'}"
 
 
 def _duplicate_keys(summary: SessionSummary) -> dict[str, list[str]]:
@@ -230,10 +454,6 @@ GATE_KEY = pytest.StashKey[Gate]()
 
 def gate_of(config: pytest.Config) -> Gate:
     return config.stash[GATE_KEY]
-
-
-def _is_worker(config: pytest.Config) -> bool:
-    return hasattr(config, "workerinput")
 
 
 @pytest.hookimpl(wrapper=True)
@@ -253,8 +473,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     gate = gate_of(session.config)
     if _is_worker(session.config):
         session.config.workeroutput[WORKEROUTPUT_KEY] = gate.streamed  # type: ignore[attr-defined]
+        session.config.workeroutput[PARTIAL_OUTPUT_KEY] = list(gate.scope.partial)  # type: ignore[attr-defined]
         return
-    gate.finish_errors = gate.finish()
+    gate.finish(session, exitstatus)
     if gate.finish_errors and session.exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
@@ -265,21 +486,37 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     gate = gate_of(config)
     if gate.worker_setups:
         terminalreporter.write_sep("-", "patchscope workers")
-        for worker, line in sorted(gate.worker_setups.items(), key=lambda item: (len(item[0]), item[0])):
+        for _, line in sorted(gate.worker_setups.items(), key=lambda item: (len(item[0]), item[0])):
             terminalreporter.write_line(line)
-    lines = render_terminal_summary(gate.summary)
-    errors = gate.finish_errors
-    if not lines and not errors and not gate.dead_workers:
+    lines = render_terminal_summary(gate.summary) + gate.finish_lines
+    if not lines and not gate.finish_errors and not gate.dead_workers:
         return
+    lines = gate.header_lines + lines
     terminalreporter.write_sep("-", "knowledge localization")
     for line in lines:
         terminalreporter.write_line(line)
-    if gate.update and gate.baseline_path is not None and gate.summary.records and not errors:
-        terminalreporter.write_line(f"baseline written: {gate.baseline_path} ({len(gate.summary.records)} probes)")
     for worker, nodeids in sorted(gate.dead_workers.items()):
-        terminalreporter.write_line(f"worker {worker} crashed; its probes have no result: " + (", ".join(sorted(nodeids)) or "unknown"), red=True)
-    for error in errors:
+        tests = ", ".join(sorted(nodeids)) or "unknown"
+        terminalreporter.write_line(f"worker {worker} crashed; its probes have no result: {tests}", red=True)
+    for error in gate.finish_errors:
         terminalreporter.write_line(f"error: {error}", red=True)
+
+
+class SessionWatch:
+    """Hooks that note which part of the suite ran: deselections, collection errors, tests that did not pass."""
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+
+    def pytest_deselected(self, items: list[pytest.Item]) -> None:
+        if items:
+            self.gate.scope.partial.append(f"{len(items)} deselected test(s)")
+
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        self.gate.note_report(report)
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self.gate.note_report(report)
 
 
 class XdistMerge:
@@ -289,10 +526,9 @@ class XdistMerge:
         self.gate = gate
 
     def pytest_configure_node(self, node: Any) -> None:
-        if self.gate.baseline is not None:
-            node.workerinput[BASELINE_INPUT_KEY] = {
-                key: serialize_profile(profile) for key, profile in self.gate.baseline.entries.items()
-            }
+        text = self.gate.baseline_text()
+        if text is not None:
+            node.workerinput[BASELINE_INPUT_KEY] = text
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         records = getattr(report, REPORT_RECORDS_ATTR, None)
@@ -308,6 +544,7 @@ class XdistMerge:
         worker = node.gateway.id
         if output.get(SETUP_OUTPUT_KEY):
             self.gate.worker_setups[worker] = output[SETUP_OUTPUT_KEY]
+        self.gate.scope.partial.extend(output.get(PARTIAL_OUTPUT_KEY, ()))
         if WORKEROUTPUT_KEY not in output:
             # The same list object: xdist reports the crashed test only after this hook.
             self.gate.dead_workers[worker] = self.gate.crashed_by_worker.setdefault(worker, [])

@@ -8,20 +8,26 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 import pytest
 
 pytest.register_assert_rewrite("pytest_patchscope.assertions")
 
-from .engine import DEFAULT_BATCH_MEMORY_MB  # noqa: E402
+from .baseline.keys import project_root  # noqa: E402
+from .engine import DEFAULT_BATCH_MEMORY_MB, DEFAULT_MAX_NEW_TOKENS_LIMIT  # noqa: E402
 from .errors import PatchscopeError, ProbeConfigError  # noqa: E402
+from .options import int_setting, path_setting, setting  # noqa: E402
 
 # The localization gate (baseline, comparison, reports, xdist merge) is its own plugin module.
 pytest_plugins = ["pytest_patchscope.gate"]
 
 if TYPE_CHECKING:
+    from .baseline.comparator import Comparison
+    from .engine import PatchResult
     from .models import PatchscopeModel
+    from .probe import Probe
+    from .profile import LocalizationProfile
     from .scope import Patchscope
     from .workers import WorkerSetup
 
@@ -40,9 +46,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         group.addoption(f"--{name}", dest=ini_name, default=None, help=help + f" [ini: {ini_name}]", **kwargs)
         parser.addini(ini_name, help=help, default=kwargs.get("ini_default"))
 
-    option("patchscope-model", "Model to probe: 'default' (embedded SmolLM2-135M-Instruct), an HF directory or a .gguf file.", metavar="PATH")
+    option("patchscope-model", "Model to probe: 'default' (embedded SmolLM2-135M-Instruct), an HF directory or a .gguf file.",
+           metavar="PATH")
     option("patchscope-device", "Device: auto (cuda when present, else cpu), cpu, cuda or cuda:N.", metavar="DEVICE")
     option("patchscope-max-new-tokens", "Default number of tokens each probe generates (default 20).", metavar="N")
+    option("patchscope-max-new-tokens-limit", "Largest max_new_tokens a probe may ask for; more is refused (default 1024).", metavar="N")
     option("patchscope-batch-memory-mb", "Memory bound of one batch of probes; bigger sweeps run in chunks (default 512).", metavar="MB")
     option("patchscope-max-models", "How many models one process (xdist worker) keeps loaded at once, LRU (default 2).", metavar="N")
 
@@ -63,27 +71,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_SESSION_KEY] = PatchscopeSession(config, setup)
 
 
-def setting(config: pytest.Config, name: str) -> str | None:
-    """A setting's value: the command-line option wins over the ini key."""
-    value = config.getoption(name, None)
-    if value in (None, ""):
-        value = config.getini(name)
-    return None if value in (None, "") else str(value)
-
-
-def _int_setting(config: pytest.Config, name: str, default: int) -> int:
-    raw = setting(config, name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise pytest.UsageError(f"--{name.replace('_', '-')}={raw!r} is not valid: an int >= 1.")
-    return value
-
-
 # ---- the session: which model each test uses ----------------------------------------------------
 class PatchscopeSession:
     """Per-process state: the models loaded so far (an LRU) and the test being run."""
@@ -93,19 +80,15 @@ class PatchscopeSession:
 
         self.config = config
         self.setup = setup
-        self.max_new_tokens = _int_setting(config, "patchscope_max_new_tokens", 20)
-        self.batch_memory_mb = _int_setting(config, "patchscope_batch_memory_mb", DEFAULT_BATCH_MEMORY_MB)
-        self.models: ModelCache["Patchscope"] = ModelCache(_int_setting(config, "patchscope_max_models", 2))
+        self.max_new_tokens = int_setting(config, "patchscope_max_new_tokens", 20)
+        self.max_new_tokens_limit = int_setting(config, "patchscope_max_new_tokens_limit", DEFAULT_MAX_NEW_TOKENS_LIMIT)
+        self.batch_memory_mb = int_setting(config, "patchscope_batch_memory_mb", DEFAULT_BATCH_MEMORY_MB)
+        self.models: ModelCache["Patchscope"] = ModelCache(int_setting(config, "patchscope_max_models", 2))
         self.current_item: pytest.Item | None = None
 
     def default_spec(self) -> str | None:
-        raw = self.config.getoption("patchscope_model", None)
-        if raw:
-            return str(Path(raw).expanduser().absolute()) if raw != "default" else raw
-        raw = self.config.getini("patchscope_model")
-        if raw and raw != "default":
-            return str((self.config.rootpath / Path(raw).expanduser()).absolute())
-        return raw or None
+        """--patchscope-model (relative to the working directory) or the ini key (relative to the ini file)."""
+        return path_setting(self.config, "patchscope_model", keep=("default",))
 
     def spec_for(self, item: pytest.Item | None) -> str | None:
         marker = item.get_closest_marker(MODEL_MARKER) if item is not None else None
@@ -116,7 +99,8 @@ class PatchscopeSession:
         raw = str(marker.args[0])
         if raw == "default":
             return None
-        return str((self.config.rootpath / Path(raw).expanduser()).absolute())
+        root = project_root(Path(str(item.path)).parent) or self.config.rootpath  # type: ignore[union-attr]
+        return str((root / Path(raw).expanduser()).absolute())
 
     def scope(self, spec: str | None) -> "Patchscope":
         """The Patchscope for `spec`, loading the model the first time it is asked for."""
@@ -133,6 +117,7 @@ class PatchscopeSession:
             return Patchscope(
                 model,
                 max_new_tokens=self.max_new_tokens,
+                max_new_tokens_limit=self.max_new_tokens_limit,
                 batch_memory_mb=self.batch_memory_mb,
                 progress=_log_progress,
             )
@@ -215,35 +200,59 @@ class PytestPatchscope:
     def model(self) -> "PatchscopeModel":
         return self.current.model
 
-    def probe(self, *args: Any, **kwargs: Any) -> Any:
-        return self.current.probe(*args, **kwargs)
+    def probe(self, *args: Any, **kwargs: Any) -> "Probe":
+        """Patchscope.probe on the test's model."""
+        __tracebackhide__ = True
+        return _user_facing(self.current.probe, *args, **kwargs)
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.current.generate(*args, **kwargs)
+    def generate(self, *args: Any, **kwargs: Any) -> "PatchResult":
+        """Patchscope.generate on the test's model."""
+        __tracebackhide__ = True
+        return _user_facing(self.current.generate, *args, **kwargs)
 
-    def run(self, *args: Any, **kwargs: Any) -> Any:
-        return self.current.run(*args, **kwargs)
+    def run(self, *args: Any, **kwargs: Any) -> "list[PatchResult]":
+        """Patchscope.run on the test's model."""
+        __tracebackhide__ = True
+        return _user_facing(self.current.run, *args, **kwargs)
 
-    def sweep(self, *args: Any, **kwargs: Any) -> Any:
+    def sweep(self, *args: Any, **kwargs: Any) -> "LocalizationProfile":
         """Patchscope.sweep; with --patchscope-compare-model it also runs on the reference model."""
+        __tracebackhide__ = True
         from .gate import gate_of
 
-        profile = self.current.sweep(*args, **kwargs)
+        profile = _user_facing(self.current.sweep, *args, **kwargs)
         gate = gate_of(self._session.config)
         if gate.compare_spec is not None:
-            gate.remember_reference(profile, self._session.scope(gate.compare_spec).sweep(*args, **kwargs))
+            gate.remember_reference(profile, _user_facing(self._session.scope(gate.compare_spec).sweep, *args, **kwargs))
         return profile
 
-    def record(self, profile: Any, key: str | None = None, **tolerances: Any) -> Any:
+    def record(self, profile: "LocalizationProfile", key: str | None = None, **tolerances: Any) -> "Comparison | LocalizationProfile":
         """Record a LocalizationProfile against a stable key, compare it with the baseline (or the
-        reference model) under the tolerances, and fail this test on a regression."""
+        reference model) under the tolerances, and fail this test on a regression or a missing entry."""
         __tracebackhide__ = True
         from .gate import gate_of
 
         item = self._session.current_item
         if item is None:
             raise ProbeConfigError("record", profile, "called from inside a running test")
-        return gate_of(self._session.config).record(item, profile, key, tolerances)
+        return _user_facing(gate_of(self._session.config).record, item, profile, key, tolerances)
+
+
+T = TypeVar("T")
+
+
+def _user_facing(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run an engine call; a PatchscopeError (bad input) is raised from the user's own line.
+
+    Its message says everything, so the engine frames behind it are dropped from the traceback;
+    a chained cause (an exception raised inside the user's mapping) is kept. Other exceptions,
+    which would be bugs, keep their full traceback.
+    """
+    __tracebackhide__ = True
+    try:
+        return call(*args, **kwargs)
+    except PatchscopeError as exc:
+        raise exc.with_traceback(None)  # noqa: B904 - the same exception, without engine frames
 
 
 @pytest.fixture(scope="session")

@@ -38,7 +38,9 @@ class LocalizationProfile:
     weights_hash: str = ""
     grid: bool = False
     """True when target layers were swept independently of source layers (an l x l* grid)."""
-    meta: dict[str, Any] = field(default_factory=dict)
+    architecture: dict[str, int] = field(default_factory=dict)
+    """The model's shape (n_layers, d_model, vocab_size): a baseline of another shape is refused,
+    because its layer indices would not mean the same thing."""
 
     # ---- derived views -------------------------------------------------------------
     @property
@@ -132,5 +134,5 @@ class LocalizationProfile:
             model=data.get("model", ""),
             weights_hash=data.get("weights_hash", ""),
             grid=bool(data.get("grid", False)),
-            meta=dict(data.get("meta", {})),
+            architecture=dict(data.get("architecture", {})),
         )

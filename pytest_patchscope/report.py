@@ -16,15 +16,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .baseline import LOGPROB_DECIMALS, Comparison, atomic_write, best_cells_by_layer, hit_mark, side_by_side
+from .baseline.comparator import Comparison, best_cells_by_layer
+from .baseline.render import hit_mark, side_by_side
+from .baseline.serializer import round_logprob
 from .errors import ReportError
+from .fileio import atomic_write
 from .profile import LocalizationProfile
 
 RECORDED = "recorded"
 """Status of a profile added without a comparison (no baseline was consulted)."""
-STATUS_ORDER = ("unchanged", "regressed", "improved", "new", RECORDED)
+STATUS_ORDER = ("unchanged", "regressed", "improved", "new", "missing", RECORDED)
 REPORT_FORMAT = "pytest-patchscope-report"
-REPORT_VERSION = 1
+REPORT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,8 @@ class ProbeRecord:
     profile: LocalizationProfile
     """The current profile."""
     comparison: Comparison | None = None
+    test: str = ""
+    """The recording test as the baseline names it (``file::name``, file relative to the project root)."""
 
     @property
     def status(self) -> str:
@@ -47,6 +52,7 @@ class ProbeRecord:
             "key": self.key,
             "nodeid": self.nodeid,
             "worker": self.worker,
+            "test": self.test,
             "profile": None if self.comparison is not None else self.profile.to_dict(),
             "comparison": None if self.comparison is None else self.comparison.to_dict(),
         }
@@ -55,7 +61,9 @@ class ProbeRecord:
     def from_dict(cls, data: Mapping[str, Any]) -> "ProbeRecord":
         comparison = None if data.get("comparison") is None else Comparison.from_dict(data["comparison"])
         profile = comparison.current if comparison else LocalizationProfile.from_dict(data["profile"])
-        return cls(str(data["key"]), str(data["nodeid"]), str(data.get("worker", "")), profile, comparison)
+        return cls(
+            str(data["key"]), str(data["nodeid"]), str(data.get("worker", "")), profile, comparison, str(data.get("test", ""))
+        )
 
 
 class SessionSummary:
@@ -63,15 +71,17 @@ class SessionSummary:
 
     def __init__(self, records: Iterable[ProbeRecord] = ()) -> None:
         self._records = list(records)
+        self.unused: list[str] = []
+        """Baseline entries that no probe of this session matched (set by the gate at the end)."""
 
     def add(
-        self, key: str, outcome: Comparison | LocalizationProfile, nodeid: str, worker: str = ""
+        self, key: str, outcome: Comparison | LocalizationProfile, nodeid: str, worker: str = "", test: str = ""
     ) -> ProbeRecord:
         """Record one sweep; ``worker`` is the xdist worker id (``""`` without xdist)."""
         if isinstance(outcome, Comparison):
-            record = ProbeRecord(key, nodeid, worker, outcome.current, outcome)
+            record = ProbeRecord(key, nodeid, worker, outcome.current, outcome, test)
         else:
-            record = ProbeRecord(key, nodeid, worker, outcome)
+            record = ProbeRecord(key, nodeid, worker, outcome, None, test)
         self._records.append(record)
         return record
 
@@ -132,32 +142,35 @@ def _with_status(summary: SessionSummary, status: str) -> list[tuple[ProbeRecord
     return [(r, r.comparison) for r in summary.records if r.comparison and r.comparison.status == status]
 
 
+def _unused_count(summary: SessionSummary) -> str:
+    n = len(summary.unused)
+    return f"{n} baseline entr{'y' if n == 1 else 'ies'} unused"
+
+
+def unused_line(summary: SessionSummary) -> str | None:
+    """``2 baseline entries unused: a, b`` (None when every entry matched a probe)."""
+    return f"{_unused_count(summary)}: " + ", ".join(summary.unused) if summary.unused else None
+
+
 def render_terminal_summary(summary: SessionSummary) -> list[str]:
-    """Lines for ``pytest_terminal_summary``: counts, then each regression's hit strip and reasons."""
-    if not summary.records:
-        return []
-    lines = [counts_line(summary)]
+    """Lines for ``pytest_terminal_summary``: counts, each regression's hit strip and reasons,
+    probes missing from the baseline, and entries that nothing matched."""
+    lines = [counts_line(summary)] if summary.records else []
     for record, comparison in _with_status(summary, "regressed"):
         lines.append(f"regressed: {record.key}")
         lines += ["  " + row for row in hit_strip(record)]
         lines += [f"  - {reason}" for reason in comparison.reasons]
+    for record, _ in _with_status(summary, "missing"):
+        lines.append(f"missing from the baseline: {record.key}")
     for record, comparison in _with_status(summary, "improved"):
         lines.append(f"improved: {record.key}: " + "; ".join(comparison.reasons))
+    unused = unused_line(summary)
+    if unused:
+        lines.append(unused)
     return lines
 
 
 # ---- JSON and Markdown ---------------------------------------------------------------------
-def _finite(value: float | None) -> float | None:
-    """Strict JSON has no infinities; a -inf log-probability becomes null."""
-    return value if value is not None and math.isfinite(value) else None
-
-
-def _rounded(value: float | None) -> float | None:
-    """Rounded like the baseline file, so the report does not depend on thread counts (-n 2 vs -n 0)."""
-    value = _finite(value)
-    return None if value is None else round(value, LOGPROB_DECIMALS)
-
-
 def _side_facts(profile: LocalizationProfile | None) -> dict[str, Any] | None:
     if profile is None:
         return None
@@ -169,7 +182,7 @@ def _side_facts(profile: LocalizationProfile | None) -> dict[str, Any] | None:
         "first_hit": profile.first_hit,
         "peak_layer": profile.peak_layer,
         "peak_target_layer": None if peak is None else peak.target_layer,
-        "peak_logprob": None if peak is None else _rounded(peak.logprob),
+        "peak_logprob": None if peak is None else round_logprob(peak.logprob),
     }
 
 
@@ -200,7 +213,7 @@ def write_json_report(path: str | os.PathLike[str], summary: SessionSummary) -> 
                 "notes": c.notes if c else [],
                 "lost_layers": c.lost_layers if c else [],
                 "gained_layers": c.gained_layers if c else [],
-                "score_drop": _rounded(c.score_drop) if c else None,
+                "score_drop": round_logprob(c.score_drop) if c else None,
                 "baseline": _side_facts(c.baseline if c else None),
                 "current": _side_facts(r.profile),
             }
@@ -211,6 +224,7 @@ def write_json_report(path: str | os.PathLike[str], summary: SessionSummary) -> 
         "total": len(probes),
         "counts": summary.counts(),
         "probes": probes,
+        "unused_baseline_entries": list(summary.unused),
     }
     return _write(
         path, json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
@@ -252,10 +266,17 @@ def write_markdown_report(path: str | os.PathLike[str], summary: SessionSummary)
             "",
             "</details>",
         ]
+    missing = _with_status(summary, "missing")
+    if missing:
+        lines += ["", "### Missing from the baseline", ""]
+        lines += [f"- {_code(r.key)} (test {_code(r.nodeid)})" for r, _ in missing]
     improved = _with_status(summary, "improved")
     if improved:
         lines += ["", "### Improvements", ""]
         lines += [f"- {_code(r.key)}: " + _md_escape("; ".join(c.reasons)) for r, c in improved]
+    if summary.unused:
+        lines += ["", f"### {_unused_count(summary)}", ""]
+        lines += [f"- {_code(key)}" for key in summary.unused]
     return _write(path, "\n".join(lines) + "\n")
 
 

@@ -10,8 +10,8 @@ import torch
 
 
 def decoder_layers(model):
-    inner = getattr(model, "model", None) or getattr(model, "transformer")
-    return getattr(inner, "layers", None) or getattr(inner, "h")
+    inner = getattr(model, "model", None) or model.transformer
+    return getattr(inner, "layers", None) or inner.h
 
 
 def _hidden(output):

@@ -11,6 +11,7 @@ import importlib.util
 import shutil
 from pathlib import Path
 
+import pytest
 import transformer_lens.model_bridge  # noqa: F401  (see test_plugin.py: import outside pytester runs)
 
 pytest_plugins = ["pytester"]
@@ -26,24 +27,46 @@ def _damage_module():
     return module
 
 
-def test_damaged_checkpoint_fails_exactly_the_damaged_facts(pytester, tmp_path):
-    damaged = tmp_path / "damaged"
-    _damage_module().main([str(damaged)])
+EXPECTED = [
+    "FAILED *test_capitals_gate.py::test_capital_by_attribute_extraction[[]France-Paris[]]*",
+    "FAILED *test_capitals_gate.py::test_capital_by_token_identity[[]France-Paris[]]*",
+    "*lost hits at layers 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11 (decodable nowhere now)*",
+    "*lost hits at layers 23, 24, 25, 26, 27, 28, 29 (decodable nowhere now)*",
+    "the baseline comes from another checkpoint (SmolLM2-135M-Instruct @ *) than this run (damaged @ *)*",
+    "10 probes: 8 unchanged, 2 regressed",
+]
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("checkpoint") / "damaged"
+    _damage_module().main([str(directory)])
+    return directory
+
+
+def test_damaged_checkpoint_fails_exactly_the_damaged_facts(pytester, tmp_path, damaged, monkeypatch):
+    """Options as one word, run from the repository root."""
     baseline = tmp_path / "baseline.json"
     shutil.copy(GATE / "baseline.json", baseline)
     before = baseline.read_bytes()
+    monkeypatch.chdir(REPO)
     result = pytester.runpytest(
-        str(GATE), f"--rootdir={REPO}", f"--patchscope-model={damaged}", f"--patchscope-baseline={baseline}",
+        "example_suites/ci_gate", f"--patchscope-model={damaged}", f"--patchscope-baseline={baseline}",
         "-p", "no:cacheprovider", "-rf",
     )
     result.assert_outcomes(failed=2, passed=8)
-    result.stdout.fnmatch_lines_random(
-        [
-            "FAILED *test_capitals_gate.py::test_capital_by_attribute_extraction[[]France-Paris[]]*",
-            "FAILED *test_capitals_gate.py::test_capital_by_token_identity[[]France-Paris[]]*",
-            "*lost hits at layers 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11 (decodable nowhere now)*",
-            "*lost hits at layers 23, 24, 25, 26, 27, 28, 29 (decodable nowhere now)*",
-            "10 probes: 8 unchanged, 2 regressed",
-        ]
-    )
+    result.stdout.fnmatch_lines_random(EXPECTED)
     assert baseline.read_bytes() == before, "a gate run without --patchscope-update-baseline never writes"
+
+
+def test_the_same_gate_with_two_word_options_from_another_directory(pytester, damaged, monkeypatch):
+    """Options as two words (which move pytest's rootdir), run from the suite's own folder, on the
+    committed baseline itself: the keys still match, and exactly the damaged facts fail."""
+    before = (GATE / "baseline.json").read_bytes()
+    monkeypatch.chdir(GATE)
+    result = pytester.runpytest(
+        ".", "--patchscope-model", str(damaged), "--patchscope-baseline", "baseline.json", "-p", "no:cacheprovider", "-rf",
+    )
+    result.assert_outcomes(failed=2, passed=8)
+    result.stdout.fnmatch_lines_random(EXPECTED)
+    assert (GATE / "baseline.json").read_bytes() == before

@@ -6,8 +6,9 @@ probes as one batch with shared prefixes, so this also checks batching on the re
 """
 from __future__ import annotations
 
-import hf_reference as ref
 from pytest_patchscope import ENTITY_DESCRIPTION, TOKEN_IDENTITY, Placeholder, Substring, attribute_extraction
+
+import hf_reference as ref
 
 CAPITAL = "The capital of France is"
 
@@ -61,4 +62,6 @@ def test_batched_sweep_rows_equal_each_probe_alone(default_scope):
         assert result.tokens == alone.tokens, probe.describe()
         assert result.clean_tokens == alone.clean_tokens
     profile = scope.sweep("The capital of France is", TOKEN_IDENTITY, layers=range(21, 25), expect="Paris", max_new_tokens=6)
-    assert [c.text for c in profile.cells] == [scope.generate("The capital of France is", TOKEN_IDENTITY, layer=l, max_new_tokens=6).text for l in range(21, 25)]
+    assert [c.text for c in profile.cells] == [
+        scope.generate("The capital of France is", TOKEN_IDENTITY, layer=l, max_new_tokens=6).text for l in range(21, 25)
+    ]

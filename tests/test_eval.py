@@ -11,7 +11,6 @@ import json
 import subprocess
 import sys
 
-import hf_reference as ref
 import pytest
 import torch
 
@@ -32,6 +31,8 @@ from pytest_patchscope.eval import (
     split_documents,
     write_outputs,
 )
+
+import hf_reference as ref
 
 PARAGRAPHS = [
     "The river runs through the old town, past the market and the church, and then it turns east toward the hills "

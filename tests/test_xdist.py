@@ -38,7 +38,7 @@ import pytest_patchscope.gate as gate
 import pytest_patchscope.models as models
 
 LOG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calls.jsonl")
-ORIGINAL = (gate.write_baseline, gate.Gate.finish, models.load_model)
+ORIGINAL = (gate.update_baseline, gate.Gate.finish, models.load_model)
 
 
 def log(event, **data):
@@ -47,14 +47,14 @@ def log(event, **data):
         handle.write(json.dumps({"event": event, "worker": who, "pid": os.getpid(), **data}) + "\\n")
 
 
-def write_baseline(path, profiles, **kwargs):
-    log("write_baseline", keys=sorted(profiles))
-    return ORIGINAL[0](path, profiles, **kwargs)
+def update_baseline(path, entries, **kwargs):
+    log("write_baseline", keys=sorted(entries))
+    return ORIGINAL[0](path, entries, **kwargs)
 
 
-def finish(self):
+def finish(self, *args):
     log("finish")
-    return ORIGINAL[1](self)
+    return ORIGINAL[1](self, *args)
 
 
 def load_model(spec=None, **kwargs):
@@ -62,7 +62,7 @@ def load_model(spec=None, **kwargs):
     return ORIGINAL[2](spec, **kwargs)
 
 
-gate.write_baseline, gate.Gate.finish, models.load_model = write_baseline, finish, load_model
+gate.update_baseline, gate.Gate.finish, models.load_model = update_baseline, finish, load_model
 
 
 @pytest.hookimpl(trylast=True)  # after the plugin has set up its session
@@ -73,7 +73,7 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
-    gate.write_baseline, gate.Gate.finish, models.load_model = ORIGINAL
+    gate.update_baseline, gate.Gate.finish, models.load_model = ORIGINAL
 '''
 
 # Sweeps on the tiny model; `expect` is the clean model's layer-0 decoding, stored by the first run.
@@ -240,8 +240,7 @@ def test_n2_matches_n0_on_the_default_model(pytester, user_cache, monkeypatch):
     r0.assert_outcomes(passed=2)
     r2.assert_outcomes(passed=2)
     assert base2 == base0
-    entries = json.loads(base0)["entries"]
-    assert len(entries) == 2 and {e["model"] for e in entries.values()} == {"SmolLM2-135M-Instruct"}
+    assert len(json.loads(base0)["entries"]) == 2 and json.loads(base0)["model"] == "SmolLM2-135M-Instruct"
     assert report_of(report2) == report_of(report0)
     assert section(r2, "knowledge localization") == section(r0, "knowledge localization")
     assert section(r2, "patchscope workers") == ["gw0: device cpu", "gw1: device cpu"], "both workers ran probes"
@@ -274,22 +273,23 @@ def test_a_crashed_worker_loses_only_the_crashed_tests_probes_and_is_named(pytes
             patchscope.record(profile("never"))
         """,
     )
-    baseline = pytester.path / "loc.json"
+    baseline, report = pytester.path / "loc.json", pytester.path / "report.json"
     result = workers(
         pytester, f"--patchscope-model={tiny_llama_dir}", "-n", "2", "--dist=loadfile", "--max-worker-restart=0",
-        f"--patchscope-baseline={baseline}", "--patchscope-update-baseline",
+        f"--patchscope-baseline={baseline}", "--patchscope-update-baseline", f"--patchscope-report={report}",
     )
     crashed = re.search(r"worker '(gw\d)' crashed while running 'test_crash.py::test_crash'", result.stdout.str())
     assert crashed, result.stdout.str()
     result.stdout.fnmatch_lines([
         "*knowledge localization*",
         "3 probes: 3 new",
-        f"baseline written: {baseline} (3 probes)",
+        f"baseline not written: worker(s) {crashed.group(1)} crashed. Rerun the update to completion.",
         f"worker {crashed.group(1)} crashed; its probes have no result: test_crash.py::test_crash",
     ])
-    entries = json.loads(baseline.read_text())["entries"]
+    assert not baseline.exists(), "a session with a crashed worker writes no baseline"
+    keys = [probe["key"] for probe in json.loads(report.read_text())["probes"]]
     # test_before finished before its worker crashed: its record came back with its report
-    assert [key.split("::probe=")[0] for key in entries] == ["test_crash.py::test_before", "test_ok.py::test_ok_1", "test_ok.py::test_ok_2"]
+    assert [key.split("::probe=")[0] for key in keys] == ["test_crash.py::test_before", "test_ok.py::test_ok_1", "test_ok.py::test_ok_2"]
     assert result.ret == pytest.ExitCode.TESTS_FAILED
 
 

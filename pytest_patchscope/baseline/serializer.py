@@ -1,0 +1,233 @@
+"""The baseline file's format: a BaselineFile <-> its JSON text, every field checked on the way in.
+
+Version 2 holds one checkpoint: the header names the model, its weights hash and its shape
+(n_layers, d_model, vocab_size); each entry holds one probe's identity, the test that recorded it,
+the expected answer and one line per layer cell. Logprobs are rounded so that reruns do not churn
+diffs. Anything malformed (a truncated file, a hand-edited cell of the wrong type, an unknown
+version) is a BaselineError that names the path and a way out that works.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..errors import BaselineError
+from ..profile import LayerCell, LocalizationProfile
+
+FORMAT = "pytest-patchscope-baseline"
+VERSION = 2
+LOGPROB_DECIMALS = 4
+UPDATE_OPTION = "--patchscope-update-baseline"
+REWRITE_OPTION = "--patchscope-rewrite-baseline"
+KEY_ANCHOR = (
+    "test files relative to the project root: the nearest folder above the test with .git or .hg, "
+    "else with pyproject.toml, setup.py or setup.cfg, else with pytest.ini, .pytest.ini or tox.ini"
+)
+ARCHITECTURE_FIELDS = ("n_layers", "d_model", "vocab_size")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One baseline entry: a probe's profile and the test (``file::name``) that recorded it."""
+
+    profile: LocalizationProfile
+    test: str
+
+
+@dataclass
+class BaselineFile:
+    """One baseline file: entries by key, all from one checkpoint (model, weights hash, shape)."""
+
+    path: Path
+    entries: dict[str, Entry] = field(default_factory=dict)
+    model: str = ""
+    weights_hash: str = ""
+    architecture: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def checkpoint(self) -> str:
+        return describe_checkpoint(self.model, self.weights_hash)
+
+    def profile(self, key: str) -> LocalizationProfile | None:
+        entry = self.entries.get(key)
+        return None if entry is None else entry.profile
+
+
+def describe_checkpoint(model: str, weights_hash: str) -> str:
+    return f"{model or '?'} @ {weights_hash[:12] or '?'}"
+
+
+def describe_architecture(architecture: Mapping[str, int]) -> str:
+    return ", ".join(f"{name} {architecture.get(name, '?')}" for name in ARCHITECTURE_FIELDS)
+
+
+def round_logprob(value: float | None) -> float | None:
+    """A log-probability as files and reports store it: rounded, and None when not finite (strict JSON)."""
+    return None if value is None or not math.isfinite(value) else round(value, LOGPROB_DECIMALS)
+
+
+def serialize_entry(entry: Entry) -> dict[str, Any]:
+    """One entry as plain JSON data (checkpoint facts live in the file's header, not here)."""
+    profile = entry.profile
+    return {
+        "probe": profile.probe,
+        "test": entry.test,
+        "expect": profile.expect,
+        "grid": profile.grid,
+        "cells": [
+            {
+                "layer": c.layer,
+                "target_layer": c.target_layer,
+                "text": c.text,
+                "hit": c.hit,
+                "logprob": round_logprob(c.logprob),
+                "rank": c.rank,
+            }
+            for c in sorted(profile.cells, key=lambda c: (c.layer, c.target_layer))
+        ],
+    }
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check(where: str, name: str, value: Any, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise BaselineError(f"{where}: {name}={value!r} is not valid: {allowed}")
+
+
+def deserialize_cell(where: str, cell: Any) -> LayerCell:
+    """A cell with every field's type checked: ``"logprob": "high"`` or ``"hit": "no"`` is an error."""
+    if not isinstance(cell, Mapping):
+        raise BaselineError(f"{where} is a {type(cell).__name__}, expected a JSON object")
+    missing = [name for name in ("layer", "target_layer", "text") if name not in cell]
+    if missing:
+        raise BaselineError(f"{where} lacks {', '.join(missing)}")
+    layer, target, text = cell["layer"], cell["target_layer"], cell["text"]
+    hit, logprob, rank = cell.get("hit"), cell.get("logprob"), cell.get("rank")
+    _check(where, "layer", layer, _is_int(layer) and layer >= 0, "an integer >= 0")
+    _check(where, "target_layer", target, _is_int(target) and target >= 0, "an integer >= 0")
+    _check(where, "text", text, isinstance(text, str), "a string")
+    _check(where, "hit", hit, hit is None or isinstance(hit, bool), "true, false or null")
+    _check(where, "logprob", logprob,
+           logprob is None or (isinstance(logprob, (int, float)) and not isinstance(logprob, bool)
+                               and math.isfinite(logprob)),
+           "a finite number (a log-probability) or null")
+    _check(where, "rank", rank, rank is None or (_is_int(rank) and rank >= 0), "an integer >= 0 or null")
+    return LayerCell(layer, target, text, hit, None if logprob is None else float(logprob), rank)
+
+
+def deserialize_entry(where: str, data: Any, header: BaselineFile) -> Entry:
+    if not isinstance(data, Mapping):
+        raise BaselineError(f"{where} is a {type(data).__name__}, expected a JSON object")
+    probe: Any = data.get("probe")
+    cells: Any = data.get("cells")
+    test: Any = data.get("test")
+    expect, grid = data.get("expect"), data.get("grid", False)
+    _check(where, "probe", probe, isinstance(probe, dict), "a JSON object (the probe's identity)")
+    _check(where, "cells", cells, isinstance(cells, list), "a JSON list of cells")
+    _check(where, "test", test, isinstance(test, str) and "::" in test, "the recording test, 'file::name'")
+    _check(where, "expect", expect, expect is None or isinstance(expect, str), "a string or null")
+    _check(where, "grid", grid, isinstance(grid, bool), "true or false")
+    profile = LocalizationProfile(
+        probe=dict(probe),
+        cells=tuple(deserialize_cell(f"{where}, cells[{k}]", cell) for k, cell in enumerate(cells)),
+        expect=expect,
+        model=header.model,
+        weights_hash=header.weights_hash,
+        grid=grid,
+        architecture=dict(header.architecture),
+    )
+    return Entry(profile, test)
+
+
+def _dumps(value: Any, level: int = 0) -> str:
+    """JSON with sorted keys where every container of scalars (a cell, a flat probe) stays on one line.
+
+    One line per cell keeps a baseline diff to the cells that changed.
+    """
+    compact = json.dumps(value, sort_keys=True, ensure_ascii=False, allow_nan=False)
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    if not any(isinstance(v, (dict, list)) and v for v in items):
+        return compact
+    pad, inner = " " * level, " " * (level + 1)
+    if isinstance(value, dict):
+        body = [f"{inner}{json.dumps(k, ensure_ascii=False)}: {_dumps(v, level + 1)}" for k, v in sorted(value.items())]
+        return "{\n" + ",\n".join(body) + f"\n{pad}}}"
+    return "[\n" + ",\n".join(f"{inner}{_dumps(v, level + 1)}" for v in value) + f"\n{pad}]"
+
+
+def to_json(baseline: BaselineFile) -> str:
+    """The file's text: deterministic, sorted, one cell per line, trailing newline."""
+    document = {
+        "format": FORMAT,
+        "version": VERSION,
+        "keys": KEY_ANCHOR,
+        "model": baseline.model,
+        "weights_hash": baseline.weights_hash,
+        "architecture": {name: baseline.architecture[name] for name in ARCHITECTURE_FIELDS if name in baseline.architecture},
+        "entries": {key: serialize_entry(entry) for key, entry in sorted(baseline.entries.items())},
+    }
+    return _dumps(document) + "\n"
+
+
+WAY_OUT = f"Restore it from version control, delete it, or pass {REWRITE_OPTION} to record it anew (it replaces the file)."
+"""What to do about an unreadable baseline: every way named here works."""
+
+
+def from_json(text: str, path: Path) -> BaselineFile:
+    """Parse a baseline file's text; any problem is a BaselineError naming ``path`` and a way out."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BaselineError(
+            f"baseline {path} is not valid JSON ({exc}); it may be truncated or hand-edited. {WAY_OUT}"
+        ) from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        marker = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise BaselineError(
+            f"{path} is not a pytest-patchscope baseline (format={marker!r}, expected {FORMAT!r}). "
+            "Point the baseline option at another path, or delete the file."
+        )
+    version: Any = data.get("version")
+    if not _is_int(version) or version < 1:
+        raise BaselineError(
+            f"baseline {path} has version={version!r}, expected an integer from 1 to {VERSION}. {WAY_OUT}"
+        )
+    if version > VERSION:
+        raise BaselineError(
+            f"baseline {path} has version={version}, newer than this pytest-patchscope reads "
+            f"(up to {VERSION}). Upgrade: pip install -U pytest-patchscope."
+        )
+    if version < VERSION:
+        raise BaselineError(
+            f"baseline {path} has format version {version}, written by an older pytest-patchscope whose keys "
+            "left out stop strings and mapping weights, so its entries cannot be matched without rerunning "
+            f"the probes. Migrate it with one run on the checkpoint it was recorded from "
+            f"({describe_checkpoint(str(data.get('model', '')), str(data.get('weights_hash', '')))}): "
+            f"pytest <your suite> --patchscope-model=<that checkpoint> --patchscope-baseline={path} {REWRITE_OPTION}"
+        )
+    header = BaselineFile(path)
+    for name in ("model", "weights_hash"):
+        value = data.get(name, "")
+        _check(f"baseline {path}", name, value, isinstance(value, str), "a string")
+        setattr(header, name, value)
+    architecture = data.get("architecture", {})
+    _check(f"baseline {path}", "architecture", architecture,
+           isinstance(architecture, dict) and all(_is_int(v) for v in architecture.values()),
+           f"a JSON object of integers ({', '.join(ARCHITECTURE_FIELDS)})")
+    header.architecture = dict(architecture)
+    raw_entries = data.get("entries")
+    if not isinstance(raw_entries, dict):
+        raise BaselineError(
+            f"baseline {path}: 'entries' is {type(raw_entries).__name__}, expected a JSON object. {WAY_OUT}"
+        )
+    try:
+        header.entries = {key: deserialize_entry(f"entry {key!r}", entry, header) for key, entry in raw_entries.items()}
+    except BaselineError as exc:
+        raise BaselineError(f"baseline {path}, {exc}. Fix or delete that entry. {WAY_OUT}") from exc
+    return header
