@@ -200,7 +200,7 @@ def run_paired(args: argparse.Namespace) -> dict[str, Any]:
     ctx = _load(True, True, args)
     torch.set_grad_enabled(False)
     built = {m: _build(m, ctx, args) for m in methods}
-    for fn, warm, _ in built.values():
+    for _fn, warm, _ in built.values():
         warm()
     times: dict[str, list[float]] = {m: [] for m in methods}
     for number in range(args.paired_rounds):
@@ -452,7 +452,10 @@ def _spawn(method: str, args: argparse.Namespace, env: dict[str, str]) -> dict[s
         if method == "paired":
             print(f" {wall:5.0f}s  ({len(next(iter(info['times'].values())))} rounds of {', '.join(info['methods'])})")
         else:
-            print(f" {wall:5.0f}s  (load {info['load_s']}s, warm-up {info['warmup_s']}s, runs {info['times']}, load avg {info['loadavg_start']}->{info['loadavg_end']})")
+            print(
+                f" {wall:5.0f}s  (load {info['load_s']}s, warm-up {info['warmup_s']}s, runs {info['times']}, "
+                f"load avg {info['loadavg_start']}->{info['loadavg_end']})"
+            )
         return info
     finally:
         Path(out_path).unlink(missing_ok=True)
@@ -694,7 +697,8 @@ def main(argv: list[str] | None = None) -> int:
         print("  peak+MB = peak RSS the method added above its loaded model (child process, VmHWM reset after load)")
 
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results, "paired": paired, "targets": verdicts, "agreement": agreement}, indent=1))
+        summary = {"args": vars(args), "results": results, "paired": paired, "targets": verdicts, "agreement": agreement}
+        Path(args.json).write_text(json.dumps(summary, indent=1))
         print(f"\nwrote {args.json}")
     return 0
 
