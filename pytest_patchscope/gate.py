@@ -8,6 +8,7 @@ from another checkpoint are always said out loud.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -434,7 +435,9 @@ class Gate:
             )
         return lines
 
+    @functools.cached_property
     def baseline_text(self) -> str | None:
+        """The baseline as sent to every xdist worker (serialized once, however many workers start)."""
         return None if self.baseline is None else to_json(self.baseline)
 
 
@@ -526,7 +529,7 @@ class XdistMerge:
         self.gate = gate
 
     def pytest_configure_node(self, node: Any) -> None:
-        text = self.gate.baseline_text()
+        text = self.gate.baseline_text
         if text is not None:
             node.workerinput[BASELINE_INPUT_KEY] = text
 
