@@ -101,10 +101,6 @@ class SessionSummary:
             counts[record.status] += 1
         return counts
 
-    def profiles(self, *statuses: str) -> dict[str, LocalizationProfile]:
-        """Current profiles by key (only the given statuses, if any): what to pass to write_baseline."""
-        return {r.key: r.profile for r in self.records if not statuses or r.status in statuses}
-
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able payload (no Path objects) for xdist's workeroutput."""
         return {"records": [r.to_dict() for r in self.records]}

@@ -30,7 +30,7 @@ def test_sweep(patchscope, expect, target):
 
 @pytest.fixture(autouse=True)
 def rootdir_here(pytester):
-    """An ini file in the test directory, so rootdir (and the baseline keys) start there."""
+    """An ini file in the test directory: it marks the project root, where the baseline keys start."""
     pytester.makeini("[pytest]\n")
 
 

@@ -92,11 +92,6 @@ def test_merged_records_keep_their_comparisons(summary):
     assert summary.counts() == {"unchanged": 1, "regressed": 1, "improved": 1, "new": 1, "missing": 0, "recorded": 1}
 
 
-def test_profiles_selects_what_to_write_to_the_baseline(summary):
-    assert sorted(summary.profiles("new", "recorded")) == ["t.py::test_d::probe=d", "t.py::test_e::probe=e"]
-    assert summary.profiles()["t.py::test_c::probe=c"].hit_layers == [1, 2]
-
-
 # ---- terminal ----------------------------------------------------------------------------------
 def test_terminal_summary_counts_and_regression_strip(summary):
     lines = render_terminal_summary(summary)
