@@ -199,7 +199,7 @@ class Gate:
         rewrite = bool(config.getoption("patchscope_rewrite_baseline", False))
         raw_path = path_setting(config, "patchscope_baseline")
         baseline_path = None if raw_path is None else Path(raw_path)
-        compare_spec = path_setting(config, "patchscope_compare_model", keep=("default",))
+        compare_spec = path_setting(config, "patchscope_compare_model", model=True)
         if update and rewrite:
             raise ProbeConfigError(UPDATE_OPTION, True, f"used without {REWRITE_OPTION}: pass one of the two")
         writing = UPDATE_OPTION if update else REWRITE_OPTION if rewrite else None

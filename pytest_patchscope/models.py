@@ -14,6 +14,7 @@ import importlib.util
 import itertools
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -75,15 +76,41 @@ def default_gguf_path() -> Path:
     return path
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+"""What a Hugging Face hub id looks like ("org/name"); tried only where no such path exists."""
+
+
+def looks_like_hub_id(text: str) -> bool:
+    return HUB_ID.fullmatch(text) is not None and not text.endswith(".gguf")
+
+
+def _hub_cache_snapshot(repo_id: str) -> Path | None:
+    """The local Hugging Face cache's snapshot of `repo_id`, never downloading (None if not cached)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - transformers always brings it
+        return None
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not in the cache (LocalEntryNotFoundError), or an invalid id
+        return None
+
+
 def resolve_model_source(spec: str | os.PathLike[str] | None) -> ModelSource:
-    """Turn a model spec (None/'default', a GGUF file, an HF directory) into a ModelSource."""
+    """Turn a model spec (None/'default', a GGUF file, an HF directory, a hub id in the local HF
+    cache) into a ModelSource."""
     if spec is None or str(spec) in ("", "default"):
         return ModelSource("gguf", default_gguf_path(), DEFAULT_MODEL_NAME)
     path = Path(spec).expanduser()
+    if not path.exists() and looks_like_hub_id(str(spec)):
+        snapshot = _hub_cache_snapshot(str(spec))
+        if snapshot is not None and (snapshot / "config.json").is_file():
+            return ModelSource("hf_dir", snapshot, str(spec))
     if not path.exists():
         raise ModelLoadError(
             f"model={str(spec)!r} does not exist. Allowed: 'default', a local HF-format directory "
-            "(with config.json and weights) or a .gguf file. Check the path given to "
+            "(with config.json and weights), a .gguf file, or a hub id ('org/name') that is in the local "
+            "Hugging Face cache (nothing is downloaded). Check the path given to "
             "--patchscope-model, the ini key patchscope_model or the patchscope_model marker."
         )
     path = path.resolve()

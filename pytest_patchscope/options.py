@@ -50,8 +50,18 @@ def flag_setting(config: pytest.Config, name: str) -> bool:
     raise pytest.UsageError(f"ini {name}={raw!r} is not valid: true or false.")
 
 
-def path_setting(config: pytest.Config, name: str, *, keep: tuple[str, ...] = ()) -> str | None:
-    """A path setting as an absolute path (values in ``keep``, such as 'default', pass unchanged).
+def model_spec(text: str, base: Path) -> str:
+    """A model setting: 'default' and a hub id with no such path under ``base`` pass unchanged,
+    anything else is a path relative to ``base``."""
+    from .models import looks_like_hub_id
+
+    if text == "default" or (looks_like_hub_id(text) and not (base / text).exists()):
+        return text
+    return str((base / Path(text).expanduser()).absolute())
+
+
+def path_setting(config: pytest.Config, name: str, *, model: bool = False) -> str | None:
+    """A path setting as an absolute path (a model setting may also be 'default' or a hub id).
 
     The command-line value is relative to the invocation directory, the ini value to the ini file.
     """
@@ -66,7 +76,6 @@ def path_setting(config: pytest.Config, name: str, *, keep: tuple[str, ...] = ()
         base = config.inipath.parent if config.inipath is not None else config.rootpath
     if raw in (None, ""):
         return None
-    text = str(raw)
-    if text in keep:
-        return text
-    return str((base / Path(text).expanduser()).absolute())
+    if model:
+        return model_spec(str(raw), base)
+    return str((base / Path(str(raw)).expanduser()).absolute())

@@ -17,7 +17,7 @@ pytest.register_assert_rewrite("pytest_patchscope.assertions")
 from .baseline.keys import project_root  # noqa: E402
 from .engine import DEFAULT_BATCH_MEMORY_MB, DEFAULT_MAX_NEW_TOKENS_LIMIT  # noqa: E402
 from .errors import PatchscopeError, ProbeConfigError  # noqa: E402
-from .options import int_setting, path_setting, setting  # noqa: E402
+from .options import int_setting, model_spec, path_setting, setting  # noqa: E402
 
 # The localization gate (baseline, comparison, reports, xdist merge) is its own plugin module.
 pytest_plugins = ["pytest_patchscope.gate"]
@@ -46,7 +46,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         group.addoption(f"--{name}", dest=ini_name, default=None, help=help + f" [ini: {ini_name}]", **kwargs)
         parser.addini(ini_name, help=help, default=kwargs.get("ini_default"))
 
-    option("patchscope-model", "Model to probe: 'default' (embedded SmolLM2-135M-Instruct), an HF directory or a .gguf file.",
+    option("patchscope-model", "Model to probe: 'default' (embedded SmolLM2-135M-Instruct), an HF directory, a .gguf file, "
+           "or a hub id (org/name) in the local Hugging Face cache.",
            metavar="PATH")
     option("patchscope-device", "Device: auto (cuda when present, else cpu), cpu, cuda or cuda:N.", metavar="DEVICE")
     option("patchscope-max-new-tokens", "Default number of tokens each probe generates (default 20).", metavar="N")
@@ -88,7 +89,7 @@ class PatchscopeSession:
 
     def default_spec(self) -> str | None:
         """--patchscope-model (relative to the working directory) or the ini key (relative to the ini file)."""
-        return path_setting(self.config, "patchscope_model", keep=("default",))
+        return path_setting(self.config, "patchscope_model", model=True)
 
     def spec_for(self, item: pytest.Item | None) -> str | None:
         marker = item.get_closest_marker(MODEL_MARKER) if item is not None else None
@@ -100,7 +101,7 @@ class PatchscopeSession:
         if raw == "default":
             return None
         root = project_root(Path(str(item.path)).parent) or self.config.rootpath  # type: ignore[union-attr]
-        return str((root / Path(raw).expanduser()).absolute())
+        return model_spec(raw, root)
 
     def scope(self, spec: str | None) -> "Patchscope":
         """The Patchscope for `spec`, loading the model the first time it is asked for."""

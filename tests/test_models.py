@@ -195,3 +195,44 @@ def test_load_prints_no_progress_bar_and_restores_the_setting(capfd, tiny_llama_
         assert not hf_logging.is_progress_bar_enabled(), "a disabled bar stays disabled"
     finally:
         hf_logging.enable_progress_bar()
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch, tiny_llama_dir):
+    """A local Hugging Face cache holding the tiny checkpoint as 'acme/tiny-llama', offline."""
+    import huggingface_hub.constants
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--tiny-llama"
+    shutil.copytree(tiny_llama_dir, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return repo / "snapshots" / revision
+
+
+def test_a_hub_id_in_the_local_cache_loads_offline(hub_cache):
+    source = models.resolve_model_source("acme/tiny-llama")
+    assert (source.kind, source.path, source.name) == ("hf_dir", hub_cache, "acme/tiny-llama")
+    model = models.load_model("acme/tiny-llama")
+    assert model.name == "acme/tiny-llama" and model.n_layers == 4
+
+
+def test_a_hub_id_that_is_not_cached_says_nothing_is_downloaded(hub_cache):
+    with pytest.raises(models.ModelLoadError, match=r"model='acme/other' does not exist.*local Hugging Face cache \(nothing is downloaded\)"):
+        models.resolve_model_source("acme/other")
+
+
+def test_the_model_option_takes_a_hub_id_written_as_one_or_two_words(pytester, hub_cache):
+    pytester.makeini("[pytest]\n")
+    pytester.makepyfile(
+        """
+        def test_hub(patchscope):
+            assert patchscope.model.name == "acme/tiny-llama"
+        """
+    )
+    for args in (["--patchscope-model=acme/tiny-llama"], ["--patchscope-model", "acme/tiny-llama"]):
+        result = pytester.runpytest(*args, "-p", "no:cacheprovider")
+        result.assert_outcomes(passed=1)
+        result.stdout.fnmatch_lines(["patchscope: model acme/tiny-llama (weights sha256:*)*"])
