@@ -178,7 +178,6 @@ class Gate:
         self.summary = SessionSummary()
         self.keys_seen: dict[str, str] = {}
         self.reference_profiles: dict[int, tuple["LocalizationProfile", "LocalizationProfile"]] = {}
-        self.entries: dict[str, Entry] = {}
         self.dead_workers: dict[str, list[str]] = {}
         self.worker_setups: dict[str, str] = {}
         self.crashed_by_worker: dict[str, list[str]] = {}
@@ -339,14 +338,14 @@ class Gate:
             partial.append(f"-k {option.keyword!r}")
         if getattr(option, "markexpr", ""):
             partial.append(f"-m {option.markexpr!r}")
+        partial += [f"the test id {arg}" for arg in self.config.args if "::" in arg]
+        return stop, partial
+
+    def _collected_roots(self) -> list[Path]:
+        """The files and folders this session collected from (its path arguments, or testpaths)."""
         from_testpaths = self.config.args_source == pytest.Config.ArgsSource.TESTPATHS
         base = self.config.rootpath if from_testpaths else self.config.invocation_params.dir
-        for arg in self.config.args:
-            if "::" in arg:
-                partial.append(f"the test id {arg}")
-            else:
-                self.scope.roots.append(Path(os.path.abspath(base / arg)))
-        return stop, partial
+        return [Path(os.path.abspath(base / arg)) for arg in self.config.args if "::" not in arg]
 
     def _may_remove(self, key: str, entry: Entry) -> bool:
         """An unrecorded entry goes only if its test passed (or no longer exists) within the collected paths."""
@@ -373,16 +372,16 @@ class Gate:
         ]
         self.header_lines = self._checkpoint_lines()
         lines: list[str] = []
-        self.entries = {r.key: Entry(r.profile, r.test) for r in self.summary.records}
+        entries = {r.key: Entry(r.profile, r.test) for r in self.summary.records}
         if self.baseline is not None and self.compare_spec is None:
-            self.summary.unused = sorted(set(self.baseline.entries) - set(self.entries))
+            self.summary.unused = sorted(set(self.baseline.entries) - set(entries))
         if self.update and self.baseline_path is not None:
             stop, partial = self._session_partial(session, exitstatus)
             if errors:
                 errors.append(f"baseline {self.baseline_path} not written: fix the duplicate keys first.")
             elif stop:
                 lines.append(f"baseline not written: {'; '.join(stop)}. Rerun the update to completion.")
-            elif not self.entries:
+            elif not entries:
                 lines.append(f"baseline not written: this run recorded no probe ({self.baseline_path} is unchanged).")
             elif self.rewrite and partial:
                 errors.append(
@@ -390,9 +389,10 @@ class Gate:
                     f"session ran only part of the suite ({'; '.join(partial)}). Run the whole suite, or use {UPDATE_OPTION}."
                 )
             else:
+                self.scope.roots = self._collected_roots()
                 try:
                     result = update_baseline(
-                        self.baseline_path, self.entries, rewrite=self.rewrite,
+                        self.baseline_path, entries, rewrite=self.rewrite,
                         may_remove=(lambda key, entry: False) if partial else self._may_remove,
                     )
                 except PatchscopeError as exc:
