@@ -113,7 +113,8 @@ class Patchscope:
         trust_remote_code: bool = False,
         **kwargs: Any,
     ) -> "Patchscope":
-        """Load `model` ('default', a GGUF file or an HF directory) and bind a Patchscope to it.
+        """Load `model` ('default', a GGUF file, an HF directory, or a hub id in the local HF cache)
+        and bind a Patchscope to it.
 
         `trust_remote_code=True` lets a checkpoint's own Python files run (see `load_model`).
         """
