@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU machine check for pytest-xdist: one worker per GPU, each on its own device, and the time of a
-# 30x30 source x target layer grid sweep on one GPU. Installs nothing: run it from a checkout whose
+# GPU machine check for pytest-xdist: one worker per GPU, each on its own device; the time (probes per
+# second) of a 30x30 source x target layer grid sweep on one GPU in float32 and in bfloat16; and
+# device_map=auto against one device. Installs nothing: run it from a checkout whose
 # environment is already set up (make test once, or PYTHON=/path/to/venv/bin/python).
 #
 #   benchmarks/gpu_check.sh               # on a GPU machine: pytest -n <GPUs>, then the 30x30 grid
@@ -11,7 +12,7 @@
 #
 # Each worker's device comes from the plugin's own "patchscope workers" terminal section (one
 # "gwN: device ..., CUDA_VISIBLE_DEVICES=..." line per worker that loaded a model): no conftest.
-# Bounded: pytest gets 180 s, the grid 90 s. Exit status 0 only when every check passed; the last
+# Bounded: pytest gets 180 s, each grid 90 s, the device_map check 120 s. Exit status 0 only when every check passed; the last
 # line is a one-line summary.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -96,15 +97,17 @@ echo "workers: $n_workers reported, $n_devices distinct CUDA_VISIBLE_DEVICES ($m
 [ "$n_devices" = "$n_workers" ] || failures+=("workers share a device: $mapping")
 [ "$on_device" = "$n_workers" ] || failures+=("not every worker ran on $DEVICE")
 
-# ---- 2. one GRID x GRID sweep on one device ---------------------------------------------------
-echo "== ${GRID}x${GRID} grid sweep on $DEVICE"
-grid=$(timeout 90 "$PYTHON" -c "
+# ---- 2. one GRID x GRID sweep on one device, in float32 and in bfloat16 ---------------------------
+grid=""
+for DTYPE in float32 bfloat16; do
+    echo "== ${GRID}x${GRID} grid sweep on $DEVICE in $DTYPE"
+    line=$(timeout 90 "$PYTHON" -c "
 import time, torch
 from pytest_patchscope import ENTITY_DESCRIPTION, Patchscope
 
-device, n = '$DEVICE', $GRID
+device, n, dtype = '$DEVICE', $GRID, '$DTYPE'
 sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
-scope = Patchscope.load(device=device)
+scope = Patchscope.load(device=device, dtype=dtype)
 scope.sweep('Albert Einstein', ENTITY_DESCRIPTION, layers=[0], max_new_tokens=2)  # warm-up
 sync()
 started = time.perf_counter()
@@ -112,15 +115,37 @@ profile = scope.sweep('Albert Einstein', ENTITY_DESCRIPTION, layers=range(n), ta
 sync()
 seconds = time.perf_counter() - started
 name = torch.cuda.get_device_name() if device == 'cuda' else 'cpu'
-print(f'{n}x{n} grid ({len(profile.cells)} probes x 10 tokens) on {name}: {seconds:.1f} s, '
-      f'{len(profile.cells) * 10 / seconds:.0f} generated tokens/s')
-" 2>"$WORK/grid.err" | tail -n 1)
-if [ -z "$grid" ]; then
-    tail -n 15 "$WORK/grid.err"
-    failures+=("grid sweep failed or ran past 90 s")
-    grid="grid: no result"
+print(f'{n}x{n} grid in {scope.model.dtype} ({len(profile.cells)} probes x 10 tokens) on {name}: {seconds:.1f} s, '
+      f'{len(profile.cells) / seconds:.1f} probes/s, {len(profile.cells) * 10 / seconds:.0f} generated tokens/s')
+" 2>"$WORK/grid-$DTYPE.err" | tail -n 1)
+    if [ -z "$line" ]; then
+        tail -n 15 "$WORK/grid-$DTYPE.err"
+        failures+=("$DTYPE grid sweep failed or ran past 90 s")
+        line="$DTYPE grid: no result"
+    fi
+    echo "$line"
+    grid="${grid:+$grid; }$line"
+done
+
+# ---- 3. device_map=auto gives the tokens of the model on one device --------------------------------
+echo "== device_map=auto against device=$DEVICE"
+placed=$(timeout 120 "$PYTHON" -c "
+from pytest_patchscope import TOKEN_IDENTITY, Patchscope
+one = Patchscope.load(device='$DEVICE')
+spread = Patchscope.load(device_map='auto')
+probes = [one.probe('The capital of France is', TOKEN_IDENTITY, layer=l, max_new_tokens=6) for l in range(0, one.model.n_layers, 3)]
+same = sum(a.tokens == b.tokens for a, b in zip(one.run(probes), spread.run(probes)))
+devices = sorted({str(p.device) for p in spread.model.hf.parameters()})
+print(f'device_map=auto on {devices}: {same}/{len(probes)} probes give the same tokens')
+" 2>"$WORK/placed.err" | tail -n 1)
+if [ -z "$placed" ]; then
+    tail -n 15 "$WORK/placed.err"
+    failures+=("device_map=auto failed or ran past 120 s")
+    placed="device_map: no result"
 fi
-echo "$grid"
+echo "$placed"
+grep -qE ': ([0-9]+)/\1 probes' <<<"$placed" || failures+=("device_map=auto changed tokens: $placed")
+grid="$grid; $placed"
 
 # ---- summary ------------------------------------------------------------------------------------
 if [ ${#failures[@]} = 0 ]; then

@@ -101,14 +101,19 @@ class Engine:
     # ---- the opening pass: prefixes, source prompts and patched spans, packed -----------------
     def capture(self, prompt_ids: Sequence[int], index: int, layers: Iterable[int]) -> dict[int, "torch.Tensor"]:
         """Hidden states after each of `layers` (= `blocks.{l}.hook_out`) at token `index` of one prompt."""
+        return self.capture_many([(prompt_ids, index)], layers)[0]
+
+    def capture_many(self, requests: Sequence[tuple[Sequence[int], int]], layers: Iterable[int]) -> list[dict[int, "torch.Tensor"]]:
+        """`capture` for many (prompt ids, token index) pairs in one packed opening pass; each prompt
+        runs once however many of its positions are asked for. The caller bounds the batch."""
         import torch
 
-        ids = tuple(prompt_ids)
-        key = (ids, index % len(ids))
+        keys = [(tuple(ids), index % len(ids)) for ids, index in requests]
+        wanted = {key: set(layers) for key in keys}
         states: SourceStates = {}
         with torch.no_grad():
-            self._opening([], {key: set(layers)}, states, None)
-        return states[key]
+            self._opening([], wanted, states, None)
+        return [states[key] for key in keys]
 
     def _opening(
         self, rows: list[_Row], wanted: dict[tuple[tuple[int, ...], int], set[int]], states: SourceStates,
@@ -210,9 +215,9 @@ class Engine:
         """A generous estimate of one row's peak memory: KV cache, activations, masks and logits.
 
         Values are in the model's dtype, except the logits (float32 once scored). The opening pass
-        keeps one float (W x W) mask per stage (n_layers + 1 at most) over packed rows of width
-        W <= max(PACK_TOKENS, one unit); a row's tokens t (source + target, counted as if shared
-        with nothing) take at most t * W of each.
+        keeps one float (W x W) mask per stage (n_layers + 1 at most) and attention window over
+        packed rows of width W <= max(PACK_TOKENS, one unit); a row's tokens t (source + target,
+        counted as if shared with nothing) take at most t * W of each.
         """
         cfg = self.model.hf.config
         element = next(self.model.hf.parameters()).dtype.itemsize
@@ -225,7 +230,7 @@ class Engine:
         suffix = len(row.target_ids) - row.split
         activations = suffix * (8 * self.model.d_model + 3 * inter) + length * getattr(cfg, "num_attention_heads", 1) * 2
         tokens = len(row.target_ids) + len(row.source[0] if row.source is not None else ())
-        masks = (self.model.n_layers + 1) * tokens * max(PACK_TOKENS, tokens)
+        masks = (self.model.n_layers + 1) * len(self.model.architecture.distinct_windows) * tokens * max(PACK_TOKENS, tokens)
         logits = 3 * cfg.vocab_size
         return element * (kv + activations + masks) + 4 * logits
 
@@ -317,10 +322,15 @@ class Engine:
 
         # Decoding layout per row: [pad][prefix] | [pad][suffix] | new tokens; every prompt ends in one column.
         valid = torch.zeros(n, lp + ls, dtype=torch.bool, device=device)
+        key_pos = torch.zeros(n, lp + ls, dtype=torch.long, device=device)  # each key's position in its prompt
         for r, row in enumerate(rows):
+            suffix = len(row.target_ids) - row.split
             valid[r, lp - row.split: lp] = True
-            valid[r, lp + ls - (len(row.target_ids) - row.split):] = True
+            valid[r, lp + ls - suffix:] = True
+            key_pos[r, lp - row.split: lp] = torch.arange(row.split)
+            key_pos[r, lp + ls - suffix:] = torch.arange(row.split, len(row.target_ids))
         last_pos = torch.tensor([len(row.target_ids) - 1 for row in rows], device=device)
+        windows = model.architecture.distinct_windows
         # One layout for every row (a sweep's single target): one mask and one set of positions
         # broadcast over all streams, instead of one per stream.
         uniform = len({(row.split, len(row.target_ids)) for row in rows}) == 1
@@ -351,16 +361,20 @@ class Engine:
             active = still
             valid = torch.cat([valid, torch.ones(n, 1, dtype=torch.bool, device=device)], dim=1)
             last_pos = last_pos + 1
+            key_pos = torch.cat([key_pos, last_pos[:, None]], dim=1)
             previous, plan = plan, StreamPlan(active, groups, patch_layers, model.n_layers)
             for j, store in enumerate(stores):
                 parent = plan.from_previous(previous, j)
                 store.select(None if parent is None else torch.tensor(parent, device=device))
-            first = torch.tensor(plan.reps[0], device=device)
-            layout = first[:1] if uniform else first
-            next_ids = torch.tensor([[tokens[r][-1]] for r in plan.reps[0]], device=device)
-            logits = forward_streams(
-                model, plan, stores, next_ids, last_pos[layout, None], _float_mask(valid[layout, None, :], dtype)
-            )
+            final = torch.tensor(plan.reps[-1], device=device)
+            layout = final[:1] if uniform else final
+            next_ids = torch.tensor([[tokens[r][-1]] for r in plan.reps[-1]], device=device)
+            seen: dict[int | None, torch.Tensor] = {None: valid[layout, None, :]}
+            for window in windows:
+                if window is not None:
+                    seen[window] = seen[None] & (last_pos[layout, None, None] - key_pos[layout, None, :] < window)
+            masks = {window: _float_mask(allowed, dtype) for window, allowed in seen.items()}
+            logits = forward_streams(model, plan, stores, next_ids, last_pos[layout, None], masks)
         return [
             _RowOutput(tokens[r], stopped_text[r] if r in stopped_text else model.decode(tokens[r]), scores[r])
             for r in range(n)

@@ -222,7 +222,7 @@ def sample_windows(
 
 
 # ============================================================================================
-# states: one batched forward pass per group of equal-length prompts, at the engine's hook points
+# states: the engine's own packed opening pass, so they are exactly what probes patch in
 # ============================================================================================
 def capture_states(
     model: "PatchscopeModel",
@@ -232,55 +232,58 @@ def capture_states(
     first_position: int | None = None,
     batch_size: int = 32,
 ) -> tuple[dict[int, list["torch.Tensor"]], "torch.Tensor"]:
-    """Hidden states at `model.hook_name(l)` (what Engine.capture reads) for many prompts.
+    """Hidden states at `model.hook_name(l)` for many prompts, captured by `Engine.capture_many`.
 
     With first_position None: each prompt's last position, returned as {layer: [(d,), ...]} in
     prompt order, plus the model's own logits there ((n, vocab) on the CPU would be big, so only
-    their argmax and log-softmax of it: a (n, 2) tensor of [predicted id, log p]). With
-    first_position p: every position >= p, as {layer: [(len - p, d), ...]}, and an empty tensor.
-    Prompts of one length run together (no padding, so no mask is needed and results are exact).
+    their argmax and log-softmax of it: a (n, 2) tensor of [predicted id, log p]), from a plain
+    forward pass of the unhooked twin. With first_position p: every position >= p, as
+    {layer: [(len - p, d), ...]}, and an empty tensor.
     """
     import torch
 
+    from .engine import Engine
+
+    engine = Engine(model)
     wanted = sorted(set(layers))
     out: dict[int, list[Any]] = {layer: [None] * len(prompts) for layer in wanted}
+    last_only = first_position is None
+    for start in range(0, len(prompts), batch_size):
+        batch = range(start, min(len(prompts), start + batch_size))
+        positions = {k: [len(prompts[k]) - 1] if last_only else list(range(first_position, len(prompts[k]))) for k in batch}  # type: ignore[arg-type]
+        requests = [(prompts[k], p) for k in batch for p in positions[k]]
+        captured = iter(engine.capture_many(requests, wanted))
+        for k in batch:
+            rows = [next(captured) for _ in positions[k]]
+            for layer in wanted:
+                if last_only:
+                    out[layer][k] = rows[0][layer].to("cpu", torch.float32)
+                elif rows:
+                    out[layer][k] = torch.stack([row[layer] for row in rows]).to("cpu", torch.float32)
+                else:
+                    out[layer][k] = torch.zeros(0, model.d_model)
+    return out, (_predictions(model, prompts, batch_size) if last_only else torch.zeros(0, 2))
+
+
+def _predictions(model: "PatchscopeModel", prompts: Sequence[Sequence[int]], batch_size: int) -> "torch.Tensor":
+    """[predicted id, its log p] at each prompt's last position; prompts of one length run together (no padding)."""
+    import torch
+
     predictions = torch.zeros(len(prompts), 2, dtype=torch.float64)
     by_length: dict[int, list[int]] = {}
     for k, ids in enumerate(prompts):
         by_length.setdefault(len(ids), []).append(k)
-    last_only = first_position is None
-    for length, members in sorted(by_length.items()):
-        if first_position is not None and length <= first_position:  # i.e. not last_only
-            for layer in wanted:
-                for k in members:
-                    out[layer][k] = torch.zeros(0, model.d_model)
-            continue
+    for members in by_length.values():
         for start in range(0, len(members), batch_size):
             batch = members[start: start + batch_size]
-            store: dict[int, torch.Tensor] = {}
-
-            # `store` is bound as a default: the hooks only run in this iteration's forward pass.
-            def make_hook(layer: int, store: dict[int, torch.Tensor] = store) -> Callable[..., Any]:
-                def hook(value: torch.Tensor, hook: Any) -> torch.Tensor:
-                    picked = value[:, -1] if last_only else value[:, first_position:]
-                    store[layer] = picked.detach().to("cpu", torch.float32).clone()
-                    return value
-
-                return hook
-
             batch_ids = torch.tensor([list(prompts[k]) for k in batch], device=model.device)
-            hooks = [(model.hook_name(layer), make_hook(layer)) for layer in wanted]
-            with torch.no_grad(), model.bridge.hooks(fwd_hooks=hooks):
-                logits = model.hf(input_ids=batch_ids, use_cache=False, logits_to_keep=1).logits[:, -1].float()
-            if last_only:
-                logprobs = torch.log_softmax(logits, dim=-1)
-                top = logprobs.argmax(dim=-1)
-                predictions[batch, 0] = top.double().cpu()
-                predictions[batch, 1] = logprobs.gather(1, top[:, None])[:, 0].double().cpu()
-            for layer in wanted:
-                for row, k in enumerate(batch):
-                    out[layer][k] = store[layer][row]
-    return out, (predictions if last_only else torch.zeros(0, 2))
+            with torch.no_grad():
+                logits = model.plain(input_ids=batch_ids, use_cache=False, logits_to_keep=1).logits[:, -1].float()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            top = logprobs.argmax(dim=-1)
+            predictions[batch, 0] = top.double().cpu()
+            predictions[batch, 1] = logprobs.gather(1, top[:, None])[:, 0].double().cpu()
+    return predictions
 
 
 def lens_logits(model: "PatchscopeModel", hidden: "torch.Tensor") -> "torch.Tensor":

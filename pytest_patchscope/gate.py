@@ -425,13 +425,21 @@ class Gate:
                 return []
             state = f"unreadable or of an older format; {REWRITE_OPTION} replaces it" if self.replacing else "no file yet"
             return [f"baseline: {self.baseline_path} ({state})"]
-        lines = [f"baseline: {self.baseline_path} ({len(self.baseline.entries)} entries, {self.baseline.checkpoint})"]
+        baseline = self.baseline
+        recorded_in = f" in {baseline.dtype}" if baseline.dtype else ""
+        lines = [f"baseline: {self.baseline_path} ({len(baseline.entries)} entries, {baseline.checkpoint}{recorded_in})"]
         runs = sorted({describe_checkpoint(r.profile.model, r.profile.weights_hash) for r in self.summary.records})
-        others = [run for run in runs if run != self.baseline.checkpoint]
+        others = [run for run in runs if run != baseline.checkpoint]
         if others:
             lines.append(
-                f"the baseline comes from another checkpoint ({self.baseline.checkpoint}) than this run "
+                f"the baseline comes from another checkpoint ({baseline.checkpoint}) than this run "
                 f"({', '.join(runs)}): this run compares two checkpoints"
+            )
+        dtypes = sorted({r.profile.dtype for r in self.summary.records if r.profile.dtype and r.profile.dtype != baseline.dtype})
+        if baseline.dtype and dtypes:
+            lines.append(
+                f"the baseline was recorded in {baseline.dtype}, this run is in {', '.join(dtypes)}: tokens whose top two "
+                "logits are near-tied can flip between dtypes (README: Dtypes)"
             )
         return lines
 

@@ -7,11 +7,8 @@ identity (name, weights hash) that reports and baselines record.
 from __future__ import annotations
 
 import contextlib
-import copy
-import functools
 import hashlib
 import importlib.util
-import itertools
 import json
 import os
 import re
@@ -22,7 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import ModelLoadError, WeightsNotInstalledError
+from .backend import (
+    check_device_map,
+    check_device_map_fits,
+    check_dtype_runs,
+    check_layers,
+    checkpoint_dtype,
+    describe_architecture,
+    dtype_name,
+    plain_twin,
+    resolve_dtype,
+)
+from .errors import ModelLoadError, ProbeConfigError, WeightsNotInstalledError
 from .fileio import atomic_write, file_lock
 from .workers import detect_device
 
@@ -197,30 +205,31 @@ def _cache_is_valid(directory: Path) -> bool:
         return False
 
 
-def dequantized_cache_dir(source: ModelSource) -> Path:
-    """The HF-format directory holding this GGUF's dequantized weights, built once and reused.
+def dequantized_cache_dir(source: ModelSource, dtype: str = "float32") -> Path:
+    """The HF-format directory holding this GGUF's weights dequantized to `dtype`, built once and reused.
 
-    Keyed by the GGUF's sha256, written atomically (temp dir + rename), rebuilt when corrupt.
+    Keyed by the GGUF's sha256 and the dtype, written atomically (temp dir + rename), rebuilt when corrupt.
     """
     digest = weights_hash(source)
     root = cache_root() / "gguf"
-    target = root / f"{digest[:24]}"
+    name = f"{digest[:24]}-{dtype}"
+    target = root / name
     if _cache_is_valid(target):
         return target
-    with file_lock(root / f"{digest[:24]}.lock"):
+    with file_lock(root / f"{name}.lock"):
         if _cache_is_valid(target):  # another process built it while we waited
             return target
         shutil.rmtree(target, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{digest[:24]}."))
+        staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
         try:
-            _dequantize_into(source, staging)
+            _dequantize_into(source, staging, dtype)
             os.replace(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
-def _dequantize_into(source: ModelSource, directory: Path) -> None:
+def _dequantize_into(source: ModelSource, directory: Path, dtype: str) -> None:
     import torch
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -232,6 +241,9 @@ def _dequantize_into(source: ModelSource, directory: Path) -> None:
             model = AutoModelForCausalLM.from_pretrained(
                 folder, gguf_file=gguf, dtype=torch.float32, trust_remote_code=False
             )
+        # Dequantized in float32 (what transformers unpacks GGUF blocks into), then cast: the same
+        # values whatever the dtype asked for, and plain tensors on disk.
+        model.to(getattr(torch, dtype))
     except Exception as exc:
         raise ModelLoadError(
             f"model={str(source.path)!r} could not be read as a causal-LM GGUF file "
@@ -284,6 +296,9 @@ class PatchscopeModel:
         self.load_seconds = 0.0
         self.n_layers: int = int(bridge.cfg.n_layers)
         self.d_model: int = int(bridge.cfg.d_model)
+        self.architecture = describe_architecture(self.hf.config)
+        self.dtype: str = str(next(self.hf.parameters()).dtype).removeprefix("torch.")
+        """The dtype the weights were loaded in ("float32", "bfloat16", "float16"): reports and baselines name it."""
         eos = getattr(self.hf.generation_config, "eos_token_id", None)
         if eos is None:
             eos = tokenizer.eos_token_id
@@ -302,16 +317,22 @@ class PatchscopeModel:
         Passes that need no hook (shared prefixes, decoding steps) run on it at plain HF speed.
         """
         if self._plain is None:
-            self._plain = _plain_twin(self.hf)
+            self._plain = plain_twin(self.hf)
         return self._plain
 
     @property
     def plain_layers(self) -> Any:
         """The twin's decoder layers, found where the bridge's architecture adapter says they are."""
-        return self.plain.get_submodule(self.bridge.adapter.component_mapping["blocks"].name)
+        blocks = (getattr(self.bridge.adapter, "component_mapping", None) or {}).get("blocks")
+        if blocks is None:
+            raise ModelLoadError(
+                f"architecture={type(self.hf).__name__!r}: TransformerLens' adapter for it names no decoder blocks, "
+                "so no layer can be patched. Allowed: decoder-only transformers whose TransformerBridge adapter maps blocks."
+            )
+        return self.plain.get_submodule(blocks.name)
 
     def __repr__(self) -> str:
-        return f"PatchscopeModel({self.name!r}, layers={self.n_layers}, d_model={self.d_model}, device={self.device!r})"
+        return f"PatchscopeModel({self.name!r}, layers={self.n_layers}, d_model={self.d_model}, dtype={self.dtype}, device={self.device!r})"
 
     @property
     def short_hash(self) -> str:
@@ -333,68 +354,36 @@ class PatchscopeModel:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
 
-def _plain_twin(hf: Any) -> Any:
-    """Rebuild `hf`'s class on the meta device and point its tensors at `hf`'s (no copy)."""
-    import torch
+def from_hf(hf_model: Any, tokenizer: Any, *, name: str, weights_hash: str = "", device: str | None = "cpu") -> PatchscopeModel:
+    """Wrap an already loaded HF causal LM (used for the default model and for tiny test models).
 
-    tensors = {
-        name.replace("._original_component", ""): tensor
-        for name, tensor in itertools.chain(
-            hf.named_parameters(remove_duplicate=False), hf.named_buffers(remove_duplicate=False)
-        )
-    }
-    config = copy.deepcopy(hf.config)
-    if getattr(type(hf), "_supports_sdpa", False):
-        config._attn_implementation = "sdpa"  # the bridge runs eager attention; the twin needs no patterns
-    with torch.device("meta"):
-        twin = type(hf)(config)
-    for module_name, module in twin.named_modules():
-        for store in (module._parameters, module._buffers):
-            for name, value in list(store.items()):
-                if value is None:
-                    continue
-                full = f"{module_name}.{name}" if module_name else name
-                if full not in tensors:
-                    raise ModelLoadError(
-                        f"model={type(hf).__name__!r}: the bridge exposes no tensor for {full!r}, so no "
-                        "unwrapped twin can share its weights. Allowed: architectures whose TransformerBridge "
-                        "keeps the HF module names (Llama, Mistral, Qwen, GPT-2 and most decoder-only models)."
-                    )
-                store[name] = tensors[full]
-    twin.generation_config = hf.generation_config
-    head = twin.get_output_embeddings()
-    if type(head) is torch.nn.Linear and head.weight.device.type == "cpu" and head.out_features > 4 * VOCAB_CHUNK:
-        # Instance-level override of nn.Module.forward; torch types it as a method.
-        head.forward = functools.partial(_vocab_chunked_linear, head)  # type: ignore[method-assign]
-    return twin.eval()
-
-
-VOCAB_CHUNK = 1024
-
-
-def _vocab_chunked_linear(head: Any, hidden: Any) -> Any:
-    """The unembedding in slices of the vocabulary: the same numbers, but on CPU a few short rows
-    against a 49k-row matrix run 1.5x faster this way (measured with MKL on 2 cores, 8-64 rows)."""
-    import torch
-
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    out = flat.new_empty(flat.shape[0], head.out_features)
-    for start in range(0, head.out_features, VOCAB_CHUNK):
-        torch.mm(flat, head.weight[start: start + VOCAB_CHUNK].t(), out=out[:, start: start + VOCAB_CHUNK])
-    if head.bias is not None:
-        out += head.bias
-    return out.reshape(*hidden.shape[:-1], head.out_features)
-
-
-def from_hf(hf_model: Any, tokenizer: Any, *, name: str, weights_hash: str = "", device: str = "cpu") -> PatchscopeModel:
-    """Wrap an already loaded HF causal LM (used for the default model and for tiny test models)."""
+    `device=None` keeps the model where it is (a device_map placement across devices); the engine's
+    inputs then go to the input embedding's device.
+    """
     import torch
     from transformer_lens.model_bridge import TransformerBridge
 
-    hf_model.eval().to(device)
-    with torch.no_grad():
-        bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer)
-    return PatchscopeModel(bridge, tokenizer, name=name, weights_hash=weights_hash, device=device)
+    model_type = str(getattr(hf_model.config, "model_type", ""))
+    describe_architecture(hf_model.config)  # refuses unsupported families before anything is wrapped
+    hf_model.eval()
+    if device is None:
+        device = str(hf_model.get_input_embeddings().weight.device)
+        if device == "meta":  # offloaded: accelerate moves it to the execution device at each call
+            device = str(getattr(getattr(hf_model.get_input_embeddings(), "_hf_hook", None), "execution_device", "cpu"))
+    else:
+        hf_model.to(device)
+    try:
+        with torch.no_grad():
+            bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"architecture={model_type!r} ({type(hf_model).__name__}): TransformerLens cannot wrap it "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Allowed: decoder-only "
+            "architectures that TransformerBridge supports."
+        ) from exc
+    model = PatchscopeModel(bridge, tokenizer, name=name, weights_hash=weights_hash, device=device)
+    check_layers(model.plain_layers, model_type)
+    return model
 
 
 def _refuse_custom_code(source: ModelSource, config: dict[str, Any]) -> None:
@@ -405,7 +394,7 @@ def _refuse_custom_code(source: ModelSource, config: dict[str, Any]) -> None:
         f"model={str(source.path)!r} ships custom code: its config.json has auto_map "
         f"{config['auto_map']!r}, and that code was not run. Allowed: checkpoints that transformers "
         "loads with its own classes. If you trust this checkpoint's Python files, load it with "
-        "trust_remote_code=True (load_model or Patchscope.load); if transformers supports its "
+        "trust_remote_code=True (load_model or Patchscope.load) or --patchscope-trust-remote-code; if transformers supports its "
         "architecture natively, delete auto_map from config.json instead."
     )
 
@@ -421,6 +410,8 @@ def _refuse_non_finite(source: ModelSource, hf_model: Any) -> None:
 
     with torch.no_grad():
         for name, param in hf_model.named_parameters():
+            if param.device.type == "meta":  # offloaded by a device_map: read at each call, not held here
+                continue
             if param.is_floating_point() and not torch.isfinite(param.sum()):
                 bad = int((~torch.isfinite(param)).sum())
                 if bad:
@@ -433,23 +424,36 @@ def _refuse_non_finite(source: ModelSource, hf_model: Any) -> None:
 
 
 def load_model(
-    spec: str | os.PathLike[str] | None = None, *, device: str = "cpu", trust_remote_code: bool = False
+    spec: str | os.PathLike[str] | None = None,
+    *,
+    device: str = "cpu",
+    dtype: Any = "auto",
+    device_map: str | dict[str, Any] | None = None,
+    trust_remote_code: bool = False,
 ) -> PatchscopeModel:
-    """Load a model spec ('default', a GGUF file, an HF directory) onto `device`.
+    """Load a model spec ('default', a GGUF file, an HF directory, a hub id in the local HF cache).
 
-    `device` is 'cpu', 'cuda', 'cuda:N' or 'auto', checked before any weight is read.
-    `trust_remote_code=True` lets a checkpoint's own Python files (config.json auto_map) run.
+    `device` is 'cpu', 'cuda', 'cuda:N' or 'auto', checked before any weight is read. `dtype` is
+    'auto' (the checkpoint's own dtype on a GPU, float32 on a CPU), 'float32', 'bfloat16' or
+    'float16' (or the torch dtype). `device_map` ('auto', 'balanced', 'sequential' or a dict of
+    module name -> device) spreads the layers over several devices through accelerate, instead of
+    `device`. `trust_remote_code=True` lets a checkpoint's own Python files (config.json auto_map) run.
     """
     device = detect_device(device, "device")
+    dtype_name(dtype)
+    if device_map is not None:
+        device = check_device_map(device_map)
     source = resolve_model_source(spec)
-    directory = dequantized_cache_dir(source) if source.kind == "gguf" else source.path
+    dtype = load_dtype(source, dtype, device)
+    check_dtype_runs(dtype, device)
+    directory = dequantized_cache_dir(source, dtype) if source.kind == "gguf" else source.path
     if source.kind == "hf_dir":
         _refuse_unsafe_pickles(directory)
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
-    config = json.loads((directory / "config.json").read_text())
+    config = _read_config(directory)
     if not trust_remote_code:
         _refuse_custom_code(source, config)
     architectures = config.get("architectures") or []
@@ -460,18 +464,49 @@ def load_model(
             "or *LMHeadModel architecture)."
         )
     try:
+        hf_config = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, OSError):  # an unknown model_type fails below, with its reason
+        hf_config = None
+    if hf_config is not None:
+        describe_architecture(hf_config)
+        check_device_map_fits(device_map, hf_config)
+    placement: dict[str, Any] = {}
+    if device_map is not None:  # weights that fit on no device go to a folder of this model's own
+        placement = {"device_map": device_map, "offload_folder": str(cache_root() / "offload" / weights_hash(source)[:24])}
+    try:
         with _no_progress_bars():
             tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
             hf_model = AutoModelForCausalLM.from_pretrained(
-                str(directory), dtype=torch.float32, trust_remote_code=trust_remote_code
+                str(directory), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, **placement
             )
     except Exception as exc:
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if device_map is not None and isinstance(exc, (ValueError, RuntimeError)):
+            raise ProbeConfigError(
+                "device_map", device_map, f"a placement that fits this model and these devices ({reason})",
+                "Name every module on a visible device (cpu, cuda:N), or use 'auto'.",
+            ) from exc
         raise ModelLoadError(
             f"model={str(source.path)!r} is not a causal language model that transformers can load "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Allowed: a "
-            "decoder-only checkpoint (AutoModelForCausalLM) with its tokenizer files beside it."
+            f"({reason}). Allowed: a decoder-only checkpoint (AutoModelForCausalLM) with its tokenizer files beside it."
         ) from exc
     _refuse_non_finite(source, hf_model)
-    model = from_hf(hf_model, tokenizer, name=source.name, weights_hash=weights_hash(source), device=device)
+    model = from_hf(
+        hf_model, tokenizer, name=source.name, weights_hash=weights_hash(source), device=None if device_map is not None else device
+    )
     model.load_seconds = time.perf_counter() - started
     return model
+
+
+def load_dtype(source: ModelSource, dtype: Any, device: str) -> str:
+    """The dtype `source` loads in on `device` ('auto': its config.json's dtype on a GPU; a GGUF's is
+    float32, what its quantized blocks dequantize to)."""
+    saved = "float32" if source.kind == "gguf" else checkpoint_dtype(_read_config(source.path))
+    return resolve_dtype(dtype, device, saved)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """config.json of an HF directory ({} for a GGUF file, whose config is known once dequantized)."""
+    if path.is_file():
+        return {}
+    return dict(json.loads((path / "config.json").read_text()))

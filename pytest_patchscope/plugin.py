@@ -14,10 +14,11 @@ import pytest
 
 pytest.register_assert_rewrite("pytest_patchscope.assertions")
 
+from .backend import dtype_name  # noqa: E402
 from .baseline.keys import project_root  # noqa: E402
 from .engine import DEFAULT_BATCH_MEMORY_MB, DEFAULT_MAX_NEW_TOKENS_LIMIT  # noqa: E402
 from .errors import PatchscopeError, ProbeConfigError  # noqa: E402
-from .options import int_setting, model_spec, path_setting, setting  # noqa: E402
+from .options import flag_setting, int_setting, model_spec, path_setting, setting  # noqa: E402
 
 # The localization gate (baseline, comparison, reports, xdist merge) is its own plugin module.
 pytest_plugins = ["pytest_patchscope.gate"]
@@ -50,6 +51,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
            "or a hub id (org/name) in the local Hugging Face cache.",
            metavar="PATH")
     option("patchscope-device", "Device: auto (cuda when present, else cpu), cpu, cuda or cuda:N.", metavar="DEVICE")
+    option("patchscope-dtype", "Weights dtype: auto (the checkpoint's own on a GPU, float32 on a CPU), float32, bfloat16 or float16.",
+           metavar="DTYPE")
+    option("patchscope-device-map", "Spread the model's layers over devices through accelerate: auto, balanced, sequential, "
+           'or a JSON object of module name -> device (e.g. \'{"model.layers.0": "cuda:0", ...}\'). Replaces --patchscope-device.',
+           metavar="MAP")
+    option("patchscope-trust-remote-code", "Let checkpoints that ship Python code (config.json auto_map) run it; off by default.",
+           action="store_true")
     option("patchscope-max-new-tokens", "Default number of tokens each probe generates (default 20).", metavar="N")
     option("patchscope-max-new-tokens-limit", "Largest max_new_tokens a probe may ask for; more is refused (default 1024).", metavar="N")
     option("patchscope-batch-memory-mb", "Memory bound of one batch of probes; bigger sweeps run in chunks (default 512).", metavar="MB")
@@ -84,6 +92,12 @@ class PatchscopeSession:
         self.max_new_tokens = int_setting(config, "patchscope_max_new_tokens", 20)
         self.max_new_tokens_limit = int_setting(config, "patchscope_max_new_tokens_limit", DEFAULT_MAX_NEW_TOKENS_LIMIT)
         self.batch_memory_mb = int_setting(config, "patchscope_batch_memory_mb", DEFAULT_BATCH_MEMORY_MB)
+        self.trust_remote_code = flag_setting(config, "patchscope_trust_remote_code")
+        try:
+            self.dtype = dtype_name(setting(config, "patchscope_dtype") or "auto", "--patchscope-dtype")
+            self.device_map = _device_map_setting(setting(config, "patchscope_device_map"))
+        except PatchscopeError as exc:
+            raise pytest.UsageError(str(exc)) from None
         self.models: ModelCache["Patchscope"] = ModelCache(int_setting(config, "patchscope_max_models", 2))
         self.current_item: pytest.Item | None = None
 
@@ -111,7 +125,10 @@ class PatchscopeSession:
         def load() -> Patchscope:
             started = time.perf_counter()
             try:
-                model = load_model(spec, device=self.setup.device)
+                model = load_model(
+                    spec, device=self.setup.device, dtype=self.dtype, device_map=self.device_map,
+                    trust_remote_code=self.trust_remote_code,
+                )
             except PatchscopeError as exc:
                 pytest.fail(str(exc), pytrace=False)
             LOGGER.info("loaded %s in %.1f s", model, time.perf_counter() - started)
@@ -124,6 +141,25 @@ class PatchscopeSession:
             )
 
         return self.models.get_or_load(spec or "default", load)
+
+
+def _device_map_setting(raw: str | None) -> str | dict[str, Any] | None:
+    """--patchscope-device-map: a strategy name or a JSON object, checked against this machine's devices."""
+    import json
+
+    from .backend import check_device_map
+
+    if raw in (None, ""):
+        return None
+    assert raw is not None
+    value: Any = raw
+    if raw.lstrip().startswith("{"):
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ProbeConfigError("--patchscope-device-map", raw, f"valid JSON ({exc})") from None
+    check_device_map(value, "--patchscope-device-map")
+    return value
 
 
 def _log_progress(done: int, total: int) -> None:
@@ -167,19 +203,19 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    from .models import resolve_model_source, weights_hash
+    from .models import load_dtype, resolve_model_source, weights_hash
 
     session = _session(config)
     spec = session.default_spec()
+    dtype = session.dtype
     try:
         source = resolve_model_source(spec)
         model = f"{source.name} (weights sha256:{weights_hash(source)[:16]})"
+        dtype = load_dtype(source, session.dtype, session.setup.device)
     except PatchscopeError as exc:
         model = f"{spec or 'default'} — not loadable: {str(exc).splitlines()[0]}"
-    return [
-        f"patchscope: model {model}, device {session.setup.device}, "
-        f"max_new_tokens {session.max_new_tokens}"
-    ]
+    where = f"device map {session.device_map}" if session.device_map is not None else f"device {session.setup.device}"
+    return [f"patchscope: model {model}, {where}, dtype {dtype}, max_new_tokens {session.max_new_tokens}"]
 
 
 # ---- fixtures -------------------------------------------------------------------------------------

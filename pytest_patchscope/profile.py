@@ -41,6 +41,8 @@ class LocalizationProfile:
     architecture: dict[str, int] = field(default_factory=dict)
     """The model's shape (n_layers, d_model, vocab_size): a baseline of another shape is refused,
     because its layer indices would not mean the same thing."""
+    dtype: str = ""
+    """The dtype the model ran in ("float32", "bfloat16", "float16"; "" when not recorded)."""
 
     # ---- derived views -------------------------------------------------------------
     @property
@@ -135,4 +137,5 @@ class LocalizationProfile:
             weights_hash=data.get("weights_hash", ""),
             grid=bool(data.get("grid", False)),
             architecture=dict(data.get("architecture", {})),
+            dtype=str(data.get("dtype", "")),
         )

@@ -174,6 +174,7 @@ def _side_facts(profile: LocalizationProfile | None) -> dict[str, Any] | None:
     return {
         "model": profile.model,
         "weights_hash": profile.weights_hash,
+        "dtype": profile.dtype,
         "hit_layers": profile.hit_layers,
         "first_hit": profile.first_hit,
         "peak_layer": profile.peak_layer,

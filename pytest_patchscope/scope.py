@@ -110,15 +110,21 @@ class Patchscope:
         model: str | os.PathLike[str] | None = None,
         *,
         device: str = "cpu",
+        dtype: Any = "auto",
+        device_map: str | dict[str, Any] | None = None,
         trust_remote_code: bool = False,
         **kwargs: Any,
     ) -> "Patchscope":
         """Load `model` ('default', a GGUF file, an HF directory, or a hub id in the local HF cache)
         and bind a Patchscope to it.
 
-        `trust_remote_code=True` lets a checkpoint's own Python files run (see `load_model`).
+        `dtype` is 'auto' (the checkpoint's own on a GPU, float32 on a CPU), 'float32', 'bfloat16' or
+        'float16' (or the torch dtype); `device_map="auto"` spreads a model too big for one device
+        over several, through accelerate. `trust_remote_code=True` lets a checkpoint's own Python
+        files run. See `load_model`.
         """
-        return cls(load_model(model, device=device, trust_remote_code=trust_remote_code), **kwargs)
+        model_ = load_model(model, device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
+        return cls(model_, **kwargs)
 
     # ---- building probes -------------------------------------------------------------------
     def probe(
@@ -281,4 +287,5 @@ class Patchscope:
                 "d_model": self.model.d_model,
                 "vocab_size": int(self.model.hf.config.vocab_size),
             },
+            dtype=self.model.dtype,
         )

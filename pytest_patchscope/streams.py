@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from .backend import CACHE_ARGUMENTS, module_device
 from .errors import EngineError, ProbeConfigError
 
 if TYPE_CHECKING:
@@ -33,8 +34,8 @@ if TYPE_CHECKING:
 
     from .models import PatchscopeModel
 
-PER_SEQUENCE_KWARGS = ("attention_mask", "position_ids", "position_embeddings")
-"""Decoder-layer arguments with one entry per sequence, narrowed to a layer's streams."""
+PER_SEQUENCE_KWARGS = ("position_ids", "position_embeddings")
+"""Decoder-layer arguments with one entry per sequence, narrowed to a layer's streams (the mask is set apart)."""
 
 
 class LayerKV:
@@ -61,6 +62,7 @@ class LayerKV:
         """Keep (and repeat) streams by index: a trunk that splits hands its history to each branch."""
         if index is not None and self.keys is not None:
             assert self.values is not None  # keys and values are always set together
+            index = index.to(self.keys.device)
             self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
 
 
@@ -105,10 +107,13 @@ class StreamPlan:
             return None
         return [self.stream_of[stage - 1][r] for r in self.reps[stage]]
 
-    def to_first(self, stage: int) -> list[int] | None:
-        """Index from stage 0's streams (the model's inputs) into stage's (None where the same)."""
-        index = [self.stream_of[0][r] for r in self.reps[stage]]
-        return None if index == list(range(len(self.reps[0]))) else index
+    def from_final(self, stage: int) -> list[int] | None:
+        """Index from the final streams (a decoding pass's inputs) into stage's (None where the same).
+
+        Streams only split as stages rise, so any final stream of a row stands for that row's stream
+        at every lower stage: the same tokens so far, the same positions."""
+        index = [self.final[r] for r in self.reps[stage]]
+        return None if index == list(range(len(self.reps[-1]))) else index
 
     def from_previous(self, previous: "StreamPlan", stage: int) -> list[int] | None:
         """Index from the previous step's streams at stage into this step's (None where the same)."""
@@ -153,7 +158,7 @@ class _StageTokens:
         self.seg: list[list[int]] = []  # its segment or stream: it sees that one's earlier tokens...
         self.pre: list[list[int]] = []  # ...and all of this segment (its prefix), -1 for none
         self.pos: list[list[int]] = []  # its position in its own prompt
-        self.tensors: dict[str | tuple[str, int, int], Any] = {}  # by table name, or ("kv", widths...)
+        self.tensors: dict[tuple[Any, ...], Any] = {}  # by (table name, device), ("mask", window, device) or ("kv", widths...)
 
 
 class PackedLayout:
@@ -240,23 +245,33 @@ class PackedLayout:
             tokens.pos.append(pos)
         return tokens
 
-    def tensor(self, stage: int, name: str, device: Any, dtype: Any = None) -> "torch.Tensor":
-        """A stage's table as a tensor, built once: origin/parent (flat indices), positions, or the float mask."""
+    def tensor(self, stage: int, name: str, device: Any) -> "torch.Tensor":
+        """A stage's table as a tensor, built once: ids, origin/parent (flat indices) or positions."""
         import torch
 
         tokens = self.stages[stage]
-        if name not in tokens.tensors:
-            if name == "mask":
-                seg = torch.tensor(tokens.seg, device=device)
-                pre = torch.tensor(tokens.pre, device=device)
-                pos = torch.tensor(tokens.pos, device=device)
-                allowed = (seg[:, None, :] == seg[:, :, None]) & (pos[:, None, :] <= pos[:, :, None])
-                allowed |= seg[:, None, :] == pre[:, :, None]
-                value = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
-            else:
-                value = torch.tensor(getattr(tokens, name), device=device)
-            tokens.tensors[name] = value
-        return tokens.tensors[name]
+        key = (name, str(device))  # a model spread over devices needs each table where its layer runs
+        if key not in tokens.tensors:
+            tokens.tensors[key] = torch.tensor(getattr(tokens, name), device=device)
+        return tokens.tensors[key]
+
+    def mask(self, stage: int, device: Any, dtype: Any, window: int | None = None) -> "torch.Tensor":
+        """A stage's float attention mask, built once per window: each token sees the earlier tokens
+        of its own segment or span and all of its prefix segment, `window` positions back at most."""
+        import torch
+
+        tokens = self.stages[stage]
+        key = ("mask", window, str(device))
+        if key not in tokens.tensors:
+            seg = torch.tensor(tokens.seg, device=device)
+            pre = torch.tensor(tokens.pre, device=device)
+            pos = self.tensor(stage, "pos", device)
+            allowed = (seg[:, None, :] == seg[:, :, None]) & (pos[:, None, :] <= pos[:, :, None])
+            allowed |= seg[:, None, :] == pre[:, :, None]
+            if window is not None:
+                allowed &= pos[:, :, None] - pos[:, None, :] < window
+            tokens.tensors[key] = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+        return tokens.tensors[key]
 
     def stream_kv(self, stage: int, store: LayerKV, prefix_width: int, span_width: int) -> LayerKV:
         """A layer's keys/values of the opening pass, one row per stream, laid out [pad][prefix][pad][span]."""
@@ -297,7 +312,7 @@ def _take(value: Any, index: "torch.Tensor", batch: int) -> Any:
     import torch
 
     if isinstance(value, torch.Tensor):
-        return value.index_select(0, index) if value.dim() and value.shape[0] == batch else value
+        return value.index_select(0, index.to(value.device)) if value.dim() and value.shape[0] == batch else value
     if isinstance(value, (tuple, list)):
         return type(value)(_take(v, index, batch) for v in value)
     if isinstance(value, dict):
@@ -305,17 +320,36 @@ def _take(value: Any, index: "torch.Tensor", batch: int) -> Any:
     return value
 
 
-_POSITIONAL_NAMES: dict[type, list[str]] = {}
+@dataclass(frozen=True)
+class LayerSignature:
+    """How a decoder layer class is called: its positional parameters after hidden_states, and its cache's name."""
+
+    positional: tuple[str, ...]
+    cache: str | None
 
 
-def _positional_names(layer: Any) -> list[str]:
-    """The names of a decoder layer's positional parameters after hidden_states (GPT-2 passes some)."""
+_SIGNATURES: dict[type, LayerSignature] = {}
+
+
+def layer_signature(layer: Any) -> LayerSignature:
     cls = type(layer)
-    if cls not in _POSITIONAL_NAMES:
+    if cls not in _SIGNATURES:
         params = list(inspect.signature(layer.forward).parameters.values())[1:]
         kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        _POSITIONAL_NAMES[cls] = [p.name for p in params if p.kind in kinds]
-    return _POSITIONAL_NAMES[cls]
+        names = [p.name for p in params]
+        cache = next((name for name in CACHE_ARGUMENTS if name in names), None)
+        _SIGNATURES[cls] = LayerSignature(tuple(p.name for p in params if p.kind in kinds), cache)
+    return _SIGNATURES[cls]
+
+
+def _layer_kwargs(module: Any, args: tuple, kwargs: dict, store: LayerKV) -> dict:
+    """A decoder layer's arguments by name (GPT-2 passes some by position), with `store` as its cache."""
+    signature = layer_signature(module)
+    kwargs = dict(kwargs)
+    kwargs.update(zip(signature.positional, args[1:]))
+    assert signature.cache is not None  # checked when the model was loaded (models.check_supported)
+    kwargs[signature.cache] = store
+    return kwargs
 
 
 def _gather_tokens(value: Any, origin: "torch.Tensor", batch: int, width: int) -> Any:
@@ -326,7 +360,7 @@ def _gather_tokens(value: Any, origin: "torch.Tensor", batch: int, width: int) -
         if value.dim() < 2 or value.shape[1] != width or value.shape[0] not in (1, batch):
             return value
         flat = value.expand(batch, *value.shape[1:]).flatten(0, 1)
-        return flat.index_select(0, origin.flatten()).view(*origin.shape, *value.shape[2:])
+        return flat.index_select(0, origin.flatten().to(value.device)).view(*origin.shape, *value.shape[2:])
     if isinstance(value, (tuple, list)):
         return type(value)(_gather_tokens(v, origin, batch, width) for v in value)
     return value
@@ -357,21 +391,21 @@ def forward_opening(
     for patch in patches:
         by_layer.setdefault(patch.layer, []).append(patch)
     stores = [LayerKV(None, None) for _ in model.plain_layers]
+    windows = model.architecture.windows
+    layer_devices = [module_device(layer) for layer in model.plain_layers]
     written: dict[int, int] = {}
     final = len(layout.stages) - 1
     last = torch.tensor([layout.span_token(final, rep, len(layout.row_spans[rep].ids) - 1) for rep in plan.reps[-1]], device=device, dtype=torch.long)
 
     def enter(layer_index: int, module: Any, args: tuple, kwargs: dict) -> tuple:
-        kwargs = dict(kwargs)
-        kwargs.update(zip(_positional_names(module), args[1:]))
+        kwargs = _layer_kwargs(module, args, kwargs, stores[layer_index])
         stage = layout.stages[layer_index]
         if stage is not first:
-            origin = layout.tensor(layer_index, "origin", device)
+            origin = layout.tensor(layer_index, "origin", layer_devices[layer_index])
             for name in ("position_ids", "position_embeddings"):
                 if name in kwargs:
                     kwargs[name] = _gather_tokens(kwargs[name], origin, batch, first.width)
-        kwargs["attention_mask"] = layout.tensor(layer_index, "mask", device, dtype)
-        kwargs["past_key_values"] = stores[layer_index]
+        kwargs["attention_mask"] = layout.mask(layer_index, layer_devices[layer_index], dtype, windows[layer_index])
         return args[:1], kwargs
 
     def leave(layer_index: int, module: Any, args: tuple, output: Any) -> Any:
@@ -380,7 +414,7 @@ def forward_opening(
             states.setdefault(key, {})[layer_index] = hidden.flatten(0, 1)[layout.segment_token(layer_index, segment, index)].clone()
         stage = layer_index + 1
         if layout.stages[stage] is not layout.stages[layer_index]:
-            parent = layout.tensor(stage, "parent", device)
+            parent = layout.tensor(stage, "parent", hidden.device)
             hidden = hidden.flatten(0, 1).index_select(0, parent.flatten()).view(*parent.shape, hidden.shape[-1])
         placed = by_layer.get(layer_index, [])
         if placed:
@@ -388,9 +422,9 @@ def forward_opening(
             tokens = [layout.span_token(stage, p.row, 0) for p in placed]
             if len(set(tokens)) < len(tokens):
                 raise EngineError(f"patches of rows {[p.row for p in placed]} after layer {layer_index} share a token")
-            at = torch.tensor(tokens, device=device)
-            vectors = torch.stack([p.vector() for p in placed]).to(device=device, dtype=hidden.dtype)
-            strength = torch.tensor([p.strength for p in placed], device=device, dtype=hidden.dtype)[:, None]
+            at = torch.tensor(tokens, device=hidden.device)
+            vectors = torch.stack([p.vector().to(hidden.device) for p in placed]).to(dtype=hidden.dtype)
+            strength = torch.tensor([p.strength for p in placed], device=hidden.device, dtype=hidden.dtype)[:, None]
             clean = flat[at]
             patched = clean + strength * (vectors - clean)
             finite = torch.isfinite(patched).all(dim=-1).tolist()
@@ -409,7 +443,7 @@ def forward_opening(
         if stage == final and plan.reps[-1]:
             # Only each final stream's last token goes on to the final norm and the logits, in a shape
             # whose length is stage 0's (GPT-2 views its output as the input's shape).
-            keep = hidden.flatten(0, 1).index_select(0, last)
+            keep = hidden.flatten(0, 1).index_select(0, last.to(hidden.device))
             padding = (-len(last)) % first.width
             hidden = torch.cat([keep, keep[:1].expand(padding, -1)]).view(-1, first.width, keep.shape[-1])
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
@@ -421,7 +455,7 @@ def forward_opening(
             handles.append(layer.register_forward_hook(partial(leave, j)))
         hidden = model.plain.base_model(
             input_ids=layout.tensor(0, "ids", device),
-            attention_mask=layout.tensor(0, "mask", device, dtype),
+            attention_mask=layout.mask(0, device, dtype),
             position_ids=layout.tensor(0, "pos", device),
             use_cache=False,
         ).last_hidden_state
@@ -439,47 +473,58 @@ def forward_streams(
     stores: Sequence[LayerKV],
     input_ids: "torch.Tensor",
     position_ids: "torch.Tensor",
-    attention_mask: "torch.Tensor",
+    masks: dict[int | None, "torch.Tensor"],
 ) -> "torch.Tensor":
-    """One decoding pass of the plain twin over stage 0's streams; returns logits per final stream.
+    """One decoding pass of the plain twin; returns logits per final stream.
 
-    `input_ids` holds one row per stage-0 stream; `position_ids` and the 4D float `attention_mask`
-    hold one too, or a single row that every stream shares (then nothing needs narrowing).
+    The model's inputs hold one row per *final* stream, so that outside its decoder layers its batch
+    is its output's (GPTBigCode views the output as the input's shape). Layer 0 keeps one row per
+    stage-0 stream, and each layer widens to the next stage's. `position_ids` and the 4D float masks
+    (one per attention window of the model, None = full) hold one row per final stream too, or a
+    single row that every stream shares (then nothing needs narrowing).
     """
     import torch
 
     device = input_ids.device
-    first = len(plan.reps[0])
-    shared_layout = attention_mask.shape[0] == 1 and position_ids.shape[0] == 1
+    batch = len(plan.reps[-1])
+    windows = model.architecture.windows
+    shared_layout = masks[None].shape[0] == 1 and position_ids.shape[0] == 1
 
     def tensor(index: list[int] | None) -> torch.Tensor | None:
         return None if index is None else torch.tensor(index, device=device)
 
     def enter(layer_index: int, narrow: torch.Tensor | None, module: Any, args: tuple, kwargs: dict) -> tuple:
-        kwargs = dict(kwargs)
-        kwargs.update(zip(_positional_names(module), args[1:]))  # name what GPT-2 passes by position
+        kwargs = _layer_kwargs(module, args, kwargs, stores[layer_index])
+        hidden = args[0]
         if narrow is not None:
-            for name in PER_SEQUENCE_KWARGS:
-                if name in kwargs:
-                    kwargs[name] = _take(kwargs[name], narrow, first)
-        kwargs["past_key_values"] = stores[layer_index]
-        return args[:1], kwargs
+            if layer_index == 0:
+                hidden = hidden.index_select(0, narrow.to(hidden.device))
+            if not shared_layout:
+                for name in PER_SEQUENCE_KWARGS:
+                    if name in kwargs:
+                        kwargs[name] = _take(kwargs[name], narrow, batch)
+        mask = masks[windows[layer_index]]
+        if not shared_layout and narrow is not None:
+            mask = mask.index_select(0, narrow.to(mask.device))
+        # One shared row broadcasts; XGLM checks the mask's batch, so give it the layer's (a view).
+        kwargs["attention_mask"] = mask.expand(hidden.shape[0], *mask.shape[1:])
+        return (hidden,), kwargs
 
     def leave(widen: torch.Tensor | None, module: Any, args: tuple, output: Any) -> Any:
         hidden = output[0] if isinstance(output, tuple) else output
         if widen is not None:
-            hidden = hidden.index_select(0, widen)
+            hidden = hidden.index_select(0, widen.to(hidden.device))
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     handles = []
     try:
         for j, layer in enumerate(model.plain_layers):
-            narrow = None if shared_layout else tensor(plan.to_first(j))
+            narrow = tensor(plan.from_final(j))
             handles.append(layer.register_forward_pre_hook(partial(enter, j, narrow), with_kwargs=True))
             handles.append(layer.register_forward_hook(partial(leave, tensor(plan.widen(j + 1)))))
         out = model.plain(
             input_ids=input_ids,
-            attention_mask=attention_mask,
+            attention_mask=masks[None],
             position_ids=position_ids,
             use_cache=False,
             logits_to_keep=1,

@@ -10,8 +10,11 @@ import torch
 
 
 def decoder_layers(model):
-    inner = getattr(model, "model", None) or model.transformer
-    return getattr(inner, "layers", None) or inner.h
+    """The model's decoder layers: the ModuleList with one entry per hidden layer (any family's naming)."""
+    n = model.config.num_hidden_layers
+    found = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
+    assert found, f"no ModuleList of {n} layers in {type(model).__name__}"
+    return found[0]
 
 
 def _hidden(output):

@@ -170,9 +170,12 @@ def test_row_memory_counts_the_model_dtype_and_the_opening_masks(tiny_llama):
     keeps a float (W x W) mask, so a long prompt costs at least (n_layers + 1) T^2 elements."""
     from types import SimpleNamespace
 
-    def engine(dtype: torch.dtype) -> Engine:
+    from pytest_patchscope.backend import Architecture
+
+    def engine(dtype: torch.dtype, windows: tuple[int | None, ...] = (None,) * 4) -> Engine:
         hf = SimpleNamespace(config=tiny_llama.hf.config, parameters=lambda: iter([torch.zeros(1, dtype=dtype)]))
-        return Engine(SimpleNamespace(hf=hf, n_layers=tiny_llama.n_layers, d_model=tiny_llama.d_model))
+        model = SimpleNamespace(hf=hf, n_layers=tiny_llama.n_layers, d_model=tiny_llama.d_model, architecture=Architecture(windows))
+        return Engine(model)
 
     short = _Row(target_ids=tuple(range(8)), split=7, source=((5, 6, 7), 2), max_new_tokens=4)
     logits = 4 * 3 * tiny_llama.hf.config.vocab_size
@@ -182,6 +185,8 @@ def test_row_memory_counts_the_model_dtype_and_the_opening_masks(tiny_llama):
     assert full - logits > masks
     long = _Row(target_ids=tuple(range(2000)), split=0, max_new_tokens=4)
     assert engine(torch.float32)._row_bytes(long) > (tiny_llama.n_layers + 1) * 2000**2 * 4
+    alternating = engine(torch.float32, (8, None, 8, None))._row_bytes(long)  # a mask per stage and window
+    assert alternating > 2 * (tiny_llama.n_layers + 1) * 2000**2 * 4
 
 
 def test_affine_mapping_round_trips_through_a_file(tmp_path, tiny_llama):
@@ -362,3 +367,40 @@ def test_engine_imports_no_pytest_and_the_plugin_no_torch():
     plugin = "import sys, pytest_patchscope.plugin; assert 'transformers' not in sys.modules and 'transformer_lens' not in sys.modules"
     for code in (engine, plugin):
         subprocess.run([sys.executable, "-c", code], check=True)
+
+
+PEAK_SCRIPT = """
+import re, sys
+from pytest_patchscope import Patchscope
+
+def status(field):
+    return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
+
+scope = Patchscope.load(sys.argv[1], batch_memory_mb=float(sys.argv[2]))
+long = " ".join(["the history of the roman empire and its long decline"] * 20)
+scope.sweep(long, long + " x", layers=[0], max_new_tokens=2)  # warm-up: lazy kernel and allocator set-up
+open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
+before = status("VmRSS")
+scope.sweep(long, long + " x", layers=range(4), target_layers=range(4), max_new_tokens=8)
+print(status("VmHWM") - before)
+"""
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc/self/clear_refs")
+def test_measured_peak_memory_stays_under_the_bound(tiny_llama_dir):
+    """A 4 x 4 grid of 200-token prompts, in a fresh process whose large allocations go back to the
+    OS when freed (MALLOC_MMAP_THRESHOLD_), so that the high-water mark sees every transient."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    peaks = {}
+    for bound in (8, 128):
+        out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tiny_llama_dir), str(bound)], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        peaks[bound] = float(out.stdout.split()[-1])
+    print(f"peak memory added by the grid: {peaks} (MB, by batch_memory_mb)")
+    assert all(peak <= bound for bound, peak in peaks.items()), peaks
+    assert peaks[128] > peaks[8], "one big batch should need more than small chunks, else the measurement sees nothing"

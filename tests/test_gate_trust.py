@@ -28,7 +28,8 @@ def profile(name):
     hits = () if name == lost else (0, 1)
     cells = tuple(LayerCell(l, l, " Paris" if l in hits else " the", l in hits, -0.5 if l in hits else -6.0, 0) for l in range(n))
     return LocalizationProfile({"source": name}, cells, " Paris", model=model, weights_hash=model + "-weights",
-                               architecture={"n_layers": n, "d_model": 8, "vocab_size": 10})
+                               architecture={"n_layers": n, "d_model": 8, "vocab_size": 10},
+                               dtype=os.environ.get("SYNTH_DTYPE", "float32"))
 
 
 @pytest.mark.parametrize("name", ["france", "japan", "italy"])
@@ -40,7 +41,7 @@ def test_fact(patchscope, name):
 @pytest.fixture
 def project(pytester, monkeypatch):
     """A checkout with a pyproject.toml and the suite in tests/; the synthetic checkpoint is 'ckpt-a'."""
-    for name in ("SYNTH_MODEL", "SYNTH_LAYERS", "SYNTH_LOST"):
+    for name in ("SYNTH_MODEL", "SYNTH_LAYERS", "SYNTH_LOST", "SYNTH_DTYPE"):
         monkeypatch.delenv(name, raising=False)
     (pytester.path / "pyproject.toml").write_text("[project]\nname = 'demo'\n")
     tests = pytester.mkpydir("tests")
@@ -213,11 +214,28 @@ def test_a_partial_update_on_another_checkpoint_is_refused(pytester, project, mo
     gate = run(pytester, f"--patchscope-baseline={baseline}")
     gate.assert_outcomes(passed=3)
     gate.stdout.fnmatch_lines([
-        f"baseline: {baseline} (3 entries, ckpt-a @ ckpt-a-weigh)",
+        f"baseline: {baseline} (3 entries, ckpt-a @ ckpt-a-weigh in float32)",
         "the baseline comes from another checkpoint (ckpt-a @ ckpt-a-weigh) than this run (ckpt-b @ ckpt-b-weigh)*",
     ])
     run(pytester, f"--patchscope-baseline={baseline}", "--patchscope-update-baseline").assert_outcomes(passed=3)
     assert json.loads(baseline.read_text())["model"] == "ckpt-b"
+
+
+def test_a_baseline_of_another_dtype_is_compared_and_said_but_never_mixed(pytester, project, monkeypatch):
+    baseline = project / "base.json"
+    run(pytester, f"--patchscope-baseline={baseline}", "--patchscope-update-baseline").assert_outcomes(passed=3)
+    assert json.loads(baseline.read_text())["dtype"] == "float32"
+    before = baseline.read_bytes()
+    monkeypatch.setenv("SYNTH_DTYPE", "bfloat16")
+    gate = run(pytester, f"--patchscope-baseline={baseline}")
+    gate.assert_outcomes(passed=3)
+    gate.stdout.fnmatch_lines([
+        f"baseline: {baseline} (3 entries, ckpt-a @ ckpt-a-weigh in float32)",
+        "the baseline was recorded in float32, this run is in bfloat16: tokens whose top two logits are near-tied*",
+    ])
+    mixed = run(pytester, f"--patchscope-baseline={baseline}", "--patchscope-update-baseline", "-k", "france")
+    mixed.stdout.fnmatch_lines(["*not written: it would mix two checkpoints (or dtypes)*ckpt-a @ ckpt-a-weigh in bfloat16*"])
+    assert baseline.read_bytes() == before
 
 
 def test_a_baseline_of_another_architecture_is_refused(pytester, project, monkeypatch):

@@ -27,8 +27,8 @@ def fake_dequantize(monkeypatch, default_model_dir):
     """Copy the already dequantized default model instead of dequantizing again (20-40 s)."""
     calls = []
 
-    def fake(source, directory):
-        calls.append(directory)
+    def fake(source, directory, dtype):
+        calls.append((directory, dtype))
         for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
             shutil.copy(default_model_dir / name, directory / name)
         files = {p.name: p.stat().st_size for p in directory.iterdir()}
@@ -38,10 +38,13 @@ def fake_dequantize(monkeypatch, default_model_dir):
     return calls
 
 
-def test_cache_is_keyed_by_hash_built_once_and_rebuilt_when_corrupt(cache, fake_dequantize):
+def test_cache_is_keyed_by_hash_and_dtype_built_once_and_rebuilt_when_corrupt(cache, fake_dequantize):
     source = models.resolve_model_source(None)
     first = models.dequantized_cache_dir(source)
-    assert first.name == models.weights_hash(source)[:24] and len(fake_dequantize) == 1
+    assert first.name == models.weights_hash(source)[:24] + "-float32" and len(fake_dequantize) == 1
+    half = models.dequantized_cache_dir(source, "bfloat16")
+    assert half.name.endswith("-bfloat16") and half != first and fake_dequantize[-1][1] == "bfloat16"
+    del fake_dequantize[1:]
     assert models.dequantized_cache_dir(source) == first and len(fake_dequantize) == 1, "a valid cache is reused"
     with open(first / "model.safetensors", "r+b") as handle:  # truncate: a crashed copy
         handle.truncate(1000)
@@ -52,7 +55,7 @@ def test_cache_is_keyed_by_hash_built_once_and_rebuilt_when_corrupt(cache, fake_
 
 
 def test_a_failed_build_leaves_no_cache_entry(cache, monkeypatch):
-    def broken(source, directory):
+    def broken(source, directory, dtype):
         (directory / "model.safetensors").write_bytes(b"half")
         raise models.ModelLoadError("simulated crash while dequantizing")
 
@@ -134,6 +137,18 @@ def test_trust_remote_code_opt_in_reaches_transformers(tmp_path, custom_code_dir
         tmp_path, custom_code_dir, "scope = Patchscope.load(sys.argv[1], trust_remote_code=True)"
     )
     assert rc == 0 and "loaded" in output, output
+    assert (tmp_path / "marker").read_text() == "custom code ran"
+
+
+def test_the_plugin_runs_custom_code_only_with_its_flag(pytester, tmp_path, custom_code_dir, monkeypatch):
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
+    pytester.makepyfile("def test_load(patchscope):\n    assert patchscope.model.n_layers == 4\n")
+    args = ["--patchscope-model", str(custom_code_dir), "-p", "no:cacheprovider"]
+    refused = pytester.runpytest_subprocess(*args)
+    refused.assert_outcomes(failed=1)
+    refused.stdout.fnmatch_lines(["*ships custom code*--patchscope-trust-remote-code*"])
+    assert not (tmp_path / "marker").exists()
+    pytester.runpytest_subprocess(*args, "--patchscope-trust-remote-code").assert_outcomes(passed=1)
     assert (tmp_path / "marker").read_text() == "custom code ran"
 
 

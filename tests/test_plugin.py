@@ -12,6 +12,9 @@ pytest_plugins = ["pytester"]
 OPTIONS = [
     "--patchscope-model",
     "--patchscope-device",
+    "--patchscope-dtype",
+    "--patchscope-device-map",
+    "--patchscope-trust-remote-code",
     "--patchscope-max-new-tokens",
     "--patchscope-batch-memory-mb",
     "--patchscope-max-models",
@@ -76,7 +79,7 @@ def test_fixtures_option_and_header(pytester, tiny_args, tiny_llama_dir):
     )
     result = pytester.runpytest("--patchscope-max-new-tokens", "3", *tiny_args)
     result.assert_outcomes(passed=2)
-    result.stdout.fnmatch_lines(["patchscope: model tiny_llama0 (weights sha256:*), device cpu, max_new_tokens 3"])
+    result.stdout.fnmatch_lines(["patchscope: model tiny_llama0 (weights sha256:*), device cpu, dtype float32, max_new_tokens 3"])
 
 
 def test_ini_keys_configure_the_session(pytester, tiny_llama_dir):
@@ -97,7 +100,7 @@ def test_ini_keys_configure_the_session(pytester, tiny_llama_dir):
     )
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["patchscope: model tiny_llama0 *, device cpu, max_new_tokens 2"])
+    result.stdout.fnmatch_lines(["patchscope: model tiny_llama0 *, device cpu, dtype float32, max_new_tokens 2"])
 
 
 def test_marker_selects_another_model_per_test_and_module(pytester, tiny_llama_dir, tmp_path):

@@ -22,7 +22,7 @@ def test_a_sweep_shares_every_layer_below_each_patch():
     patch_layers = [0, 1, 2, 3, None]
     plan = StreamPlan(range(5), groups=[0] * 5, patch_layers=patch_layers, n_layers=4)
     assert [len(reps) for reps in plan.reps] == [1, 2, 3, 4, 5]
-    assert plan.widen(1) == [0, 0] and plan.to_first(3) == [0, 0, 0, 0]
+    assert plan.widen(1) == [0, 0] and plan.from_final(3) == [0, 1, 2, 3] and plan.from_final(4) is None
     # a row branches right after its patch layer, and keeps its own stream from there on
     assert plan.stream_of[1][0] != plan.stream_of[1][4] and plan.stream_of[1][1] == plan.stream_of[1][4]
     assert len(set(plan.final.values())) == 5

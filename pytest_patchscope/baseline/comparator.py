@@ -254,6 +254,8 @@ def compare_profiles(
     if not base_hits and not cur_hits and base_score is None and cur_score is None:
         notes.append("no expect on either side: only texts were recorded, nothing was compared")
 
+    if baseline.dtype and current.dtype and baseline.dtype != current.dtype:
+        notes.append(f"baseline recorded in {baseline.dtype}, this run in {current.dtype}: near-tied tokens can flip between dtypes")
     if (baseline.model, baseline.weights_hash) != (current.model, current.weights_hash):
         notes.append(
             f"baseline from {baseline.model or '?'} @ {baseline.weights_hash or '?'}, "

@@ -46,6 +46,8 @@ class BaselineFile:
     model: str = ""
     weights_hash: str = ""
     architecture: dict[str, int] = field(default_factory=dict)
+    dtype: str = ""
+    """The dtype its entries were recorded in ("" in files written before dtypes were recorded)."""
 
     @property
     def checkpoint(self) -> str:
@@ -56,8 +58,12 @@ class BaselineFile:
         return None if entry is None else entry.profile
 
 
-def describe_checkpoint(model: str, weights_hash: str) -> str:
-    return f"{model or '?'} @ {weights_hash[:12] or '?'}"
+RECORDED_DTYPES = ("", "float32", "bfloat16", "float16")
+"""A header's dtype: one of the loadable dtypes, or "" for a file written before dtypes were recorded."""
+
+
+def describe_checkpoint(model: str, weights_hash: str, dtype: str = "") -> str:
+    return f"{model or '?'} @ {weights_hash[:12] or '?'}" + (f" in {dtype}" if dtype else "")
 
 
 def describe_architecture(architecture: Mapping[str, int]) -> str:
@@ -141,6 +147,7 @@ def deserialize_entry(where: str, data: Any, header: BaselineFile) -> Entry:
         weights_hash=header.weights_hash,
         grid=grid,
         architecture=dict(header.architecture),
+        dtype=header.dtype,
     )
     return Entry(profile, test)
 
@@ -169,6 +176,7 @@ def to_json(baseline: BaselineFile) -> str:
         "keys": KEY_ANCHOR,
         "model": baseline.model,
         "weights_hash": baseline.weights_hash,
+        "dtype": baseline.dtype,
         "architecture": {name: baseline.architecture[name] for name in ARCHITECTURE_FIELDS if name in baseline.architecture},
         "entries": {key: serialize_entry(entry) for key, entry in sorted(baseline.entries.items())},
     }
@@ -216,6 +224,9 @@ def from_json(text: str, path: Path) -> BaselineFile:
         value = data.get(name, "")
         _check(f"baseline {path}", name, value, isinstance(value, str), "a string")
         setattr(header, name, value)
+    dtype = data.get("dtype", "")
+    _check(f"baseline {path}", "dtype", dtype, dtype in RECORDED_DTYPES, f"one of {', '.join(map(repr, RECORDED_DTYPES))}")
+    header.dtype = dtype
     architecture = data.get("architecture", {})
     _check(f"baseline {path}", "architecture", architecture,
            isinstance(architecture, dict) and all(_is_int(v) for v in architecture.values()),

@@ -4,7 +4,7 @@
   file or the new one. Temp files of killed writers are removed by the next write.
 - An update is a read-merge-write under a lock on the baseline's folder, so two concurrent
   update runs (two CI jobs, two ``-k`` subsets) merge: neither loses the other's entries.
-- One file holds one checkpoint of one architecture; an update that would mix two is refused.
+- One file holds one checkpoint, in one dtype, of one architecture; an update that would mix two is refused.
 """
 from __future__ import annotations
 
@@ -49,15 +49,15 @@ class UpdateResult:
     stale_temps: list[Path] = field(default_factory=list)
 
 
-def _checkpoints(entries: Mapping[str, Entry]) -> dict[tuple[str, str], list[str]]:
-    found: dict[tuple[str, str], list[str]] = {}
+def _checkpoints(entries: Mapping[str, Entry]) -> dict[tuple[str, str, str], list[str]]:
+    found: dict[tuple[str, str, str], list[str]] = {}
     for key, entry in entries.items():
-        found.setdefault((entry.profile.model, entry.profile.weights_hash), []).append(key)
+        found.setdefault((entry.profile.model, entry.profile.weights_hash, entry.profile.dtype), []).append(key)
     return found
 
 
-def _one_checkpoint(path: Path, recorded: Mapping[str, Entry]) -> tuple[str, str, dict[str, int]]:
-    """The single (model, weights hash, architecture) of this run's entries; a BaselineError if several."""
+def _one_checkpoint(path: Path, recorded: Mapping[str, Entry]) -> tuple[str, str, str, dict[str, int]]:
+    """The single (model, weights hash, dtype, architecture) of this run's entries; a BaselineError if several."""
     found = _checkpoints(recorded)
     if len(found) > 1:
         listing = "; ".join(f"{describe_checkpoint(*ckpt)}: {len(keys)} probe(s), e.g. {keys[0]}" for ckpt, keys in found.items())
@@ -65,8 +65,8 @@ def _one_checkpoint(path: Path, recorded: Mapping[str, Entry]) -> tuple[str, str
             f"baseline {path} not written: this run recorded probes of {len(found)} checkpoints ({listing}), and one "
             "baseline file holds one checkpoint. Give each checkpoint's tests their own run and baseline file."
         )
-    (model, weights_hash), keys = next(iter(found.items()))
-    return model, weights_hash, dict(recorded[keys[0]].profile.architecture)
+    (model, weights_hash, dtype), keys = next(iter(found.items()))
+    return model, weights_hash, dtype, dict(recorded[keys[0]].profile.architecture)
 
 
 def update_baseline(
@@ -86,7 +86,7 @@ def update_baseline(
     path = Path(path)
     if not recorded:
         raise BaselineError(f"baseline {path} not written: this run recorded no probe.")
-    model, weights_hash, architecture = _one_checkpoint(path, recorded)
+    model, weights_hash, dtype, architecture = _one_checkpoint(path, recorded)
     with file_lock(path.parent):
         stale = remove_stale_temps(path)
         try:
@@ -96,7 +96,7 @@ def update_baseline(
                 raise
             existing = None
         if existing is None:
-            existing = BaselineFile(path, model=model, weights_hash=weights_hash, architecture=architecture)
+            existing = BaselineFile(path, model=model, weights_hash=weights_hash, architecture=architecture, dtype=dtype)
         unused = {key: entry for key, entry in existing.entries.items() if key not in recorded}
         removed = sorted(key for key, entry in unused.items() if rewrite or may_remove(key, entry))
         kept = sorted(set(unused) - set(removed))
@@ -106,12 +106,13 @@ def update_baseline(
                 f"than this run ({describe_architecture(architecture)}), so its layer indices mean something else. "
                 f"Record this architecture into another baseline file, or pass {REWRITE_OPTION} to replace this one."
             )
-        if kept and (existing.model, existing.weights_hash) != (model, weights_hash):
+        if kept and (existing.model, existing.weights_hash, existing.dtype or dtype) != (model, weights_hash, dtype):
             raise BaselineError(
-                f"baseline {path} not written: it would mix two checkpoints. This run recorded "
-                f"{describe_checkpoint(model, weights_hash)}, but {len(kept)} entries it did not record would stay from "
-                f"{existing.checkpoint} (e.g. {kept[0]}). Run the whole suite on the new checkpoint so that every "
-                f"entry is recorded again, or pass {REWRITE_OPTION} to start the file over on this checkpoint."
+                f"baseline {path} not written: it would mix two checkpoints (or dtypes). This run recorded "
+                f"{describe_checkpoint(model, weights_hash, dtype)}, but {len(kept)} entries it did not record would stay from "
+                f"{describe_checkpoint(existing.model, existing.weights_hash, existing.dtype)} (e.g. {kept[0]}). Run the whole "
+                f"suite on the new checkpoint so that every entry is recorded again, or pass {REWRITE_OPTION} to start the "
+                "file over on this checkpoint."
             )
         merged = BaselineFile(
             path,
@@ -119,6 +120,7 @@ def update_baseline(
             model,
             weights_hash,
             architecture,
+            dtype,
         )
         try:
             atomic_write(path, to_json(merged))

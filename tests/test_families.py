@@ -1,0 +1,112 @@
+"""Every supported decoder family, token for token against the plain-HF reference (tests/hf_reference.py).
+
+Tiny random models (tests/families.py) with prompts longer than their sliding windows: single
+probes, a batch of mixed probes, a layer sweep and an l x l* grid. The reference runs on an
+independent copy of each model: HF's own masks, caches and `generate`, nothing of the engine.
+Families the engine cannot run exactly must be refused at load time with a ModelLoadError.
+benchmarks/coverage_table.py turns these results into README's coverage table.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from pytest_patchscope import Probe
+from pytest_patchscope.backend import VERIFIED_FAMILIES
+from pytest_patchscope.errors import ModelLoadError
+from pytest_patchscope.models import from_hf
+from pytest_patchscope.scope import Patchscope
+
+import hf_reference as ref
+from conftest import active_hooks
+from families import REFUSED, SUPPORTED, WINDOW
+
+LONG = "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat by the door"
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module", params=SUPPORTED, ids=lambda f: f.name)
+def family(request, tokenizer):
+    """(engine scope, independent reference copy) of one family's tiny model."""
+    hf = request.param.build()
+    reference = copy.deepcopy(hf)
+    scope = Patchscope(from_hf(hf, tokenizer, name=f"tiny-{request.param.name}"))
+    scope.model.bridge_hooks_at_load = active_hooks(scope.model)  # some adapters (OPT) keep hooks of their own
+    return scope, reference
+
+
+def expected(reference, result) -> tuple[list[int], list[int]]:
+    """The reference's (patched, clean) greedy tokens for one engine result's resolved probe."""
+    rp = result.resolved
+    vector = ref.source_state(reference, list(rp.source_ids), rp.source_index, rp.layer)
+    args = (list(rp.target_ids), rp.target_index, rp.target_layer)
+    patched = ref.patched_generate(reference, *args, vector, rp.probe.max_new_tokens, strength=rp.probe.strength, eos=2)
+    clean = ref.patched_generate(reference, *args, None, rp.probe.max_new_tokens, eos=2)
+    return patched, clean
+
+
+def probes(n_layers: int) -> list[Probe]:
+    last = n_layers - 1
+    return [
+        Probe(LONG, "Short x", layer=1, target_layer=0, max_new_tokens=NEW_TOKENS),
+        Probe("Tokyo", LONG + " x", layer=0, target_layer=last, max_new_tokens=NEW_TOKENS),
+        Probe(LONG, LONG, layer=last, target_layer=1, source_position=5, target_position=3, max_new_tokens=NEW_TOKENS),
+        Probe("Paris", "cat -> cat\nhello -> hello\n?", layer=last, strength=0.5, max_new_tokens=NEW_TOKENS),
+    ]
+
+
+def test_prompts_are_longer_than_the_sliding_window(tokenizer):
+    assert len(tokenizer(LONG)["input_ids"]) > 2 * WINDOW
+
+
+def test_single_probes(family):
+    scope, reference = family
+    for probe in probes(scope.model.n_layers):
+        result = scope.run([probe])[0]
+        assert (list(result.tokens), list(result.clean_tokens)) == expected(reference, result), probe.describe()
+    assert active_hooks(scope.model) == scope.model.bridge_hooks_at_load
+
+
+def test_a_batch_of_mixed_probes(family):
+    scope, reference = family
+    results = scope.run(probes(scope.model.n_layers))
+    for result in results:
+        assert (list(result.tokens), list(result.clean_tokens)) == expected(reference, result), result.probe.describe()
+    assert any(r.tokens != r.clean_tokens for r in results), "no probe changed the generation: the check proves little"
+
+
+def test_a_layer_sweep(family):
+    scope, reference = family
+    profile = scope.sweep(LONG, "Short x", layers=range(scope.model.n_layers), max_new_tokens=NEW_TOKENS)
+    for cell in profile.cells:
+        rp = scope.run([scope.probe(LONG, "Short x", layer=cell.layer, max_new_tokens=NEW_TOKENS)])[0]
+        assert cell.text == scope.model.decode(expected(reference, rp)[0]), cell.layer
+
+
+def test_an_l_by_l_star_grid(family):
+    scope, reference = family
+    layers = range(scope.model.n_layers)
+    target = LONG + " x"
+    profile = scope.sweep("Tokyo", target, layers=layers, target_layers=layers, max_new_tokens=NEW_TOKENS)
+    assert len(profile.cells) == len(layers) ** 2
+    for cell in profile.cells:
+        rp = scope.run([scope.probe("Tokyo", target, layer=cell.layer, target_layer=cell.target_layer, max_new_tokens=NEW_TOKENS)])[0]
+        assert cell.text == scope.model.decode(expected(reference, rp)[0]), (cell.layer, cell.target_layer)
+
+
+@pytest.mark.parametrize("refused", REFUSED, ids=lambda f: f.name)
+def test_unsupported_families_are_refused_at_load_time(refused, tokenizer):
+    hf = refused.build()
+    with pytest.raises(ModelLoadError) as info:
+        from_hf(hf, tokenizer, name=f"tiny-{refused.name}")
+    message = str(info.value)
+    assert f"architecture={hf.config.model_type!r}" in message and "llama, mistral" in message
+
+
+def test_every_verified_family_is_in_the_matrix():
+    """VERIFIED_FAMILIES (what the load-time message calls supported) is exactly what this file checks."""
+    import transformers
+
+    built = {getattr(transformers, f.config_class)().model_type for f in SUPPORTED}
+    assert built == set(VERIFIED_FAMILIES)
