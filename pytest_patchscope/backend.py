@@ -6,7 +6,8 @@
 - `Architecture`: per decoder layer, its attention window and how the layer takes its cache; the
   engine builds its own masks and caches, so every fact HF's masks would carry must be here.
 - `check_supported`: refuse, at load time and with the supported families named, what the engine
-  cannot run exactly (state-space and hybrid caches, layers without a key/value cache, ALiBi).
+  cannot run exactly (state-space and hybrid caches, layers without a key/value cache, ALiBi
+  folded into masks).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ CACHE_ARGUMENTS = ("past_key_values", "layer_past", "past_key_value")
 VERIFIED_FAMILIES = (
     "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
     "phi", "phi3", "gpt2", "opt", "olmo", "olmo2", "olmo3", "stablelm", "cohere", "cohere2", "granite", "starcoder2",
-    "gpt_oss", "deepseek_v3", "gpt_neox", "gptj", "gpt_neo", "codegen", "gpt_bigcode", "falcon", "xglm",
+    "gpt_oss", "deepseek_v3", "gpt_neox", "gptj", "gpt_neo", "codegen", "gpt_bigcode", "falcon", "xglm", "bloom",
 )
 """model_type values that tests/test_families.py checks token for token against the plain-HF reference."""
 
@@ -41,7 +42,7 @@ NOT_KEY_VALUE = {
     "nemotron_h": "hybrid attention/Mamba layers", "qwen3_next": "hybrid linear/full attention layers",
     "recurrent_gemma": "recurrent (Griffin) layers", "lfm2": "hybrid convolution/attention layers",
     "lfm2_moe": "hybrid convolution/attention layers", "llama4_text": "chunked attention layers",
-    "bloom": "ALiBi position biases", "mpt": "ALiBi position biases",
+    "mpt": "ALiBi position biases folded into boolean masks",
     "bert": "an encoder run as a decoder", "roberta": "an encoder run as a decoder", "modernbert-decoder": "bidirectional-trained layers",
 }
 """Families whose layers need more than a causal key/value cache and masks: refused at load time."""
@@ -49,9 +50,35 @@ NOT_KEY_VALUE = {
 
 @dataclass(frozen=True)
 class Architecture:
-    """Per decoder layer: its sliding-window width (None = full causal attention)."""
+    """Per decoder layer: its sliding-window width (None = full causal attention); and for ALiBi
+    models (BLOOM) the per-head slopes of the bias `slope * key position` that each layer is given."""
 
     windows: tuple[int | None, ...]
+    alibi_heads: int = 0
+    """Attention heads of an ALiBi model (0 = positions are not an attention bias)."""
+    alibi_in_mask: bool = False
+    """Falcon with alibi=True: the bias, divided by sqrt(head_dim), is folded into the mask (per head)."""
+    head_dim: int = 0
+
+    def layer_bias(self, key_positions: Any, dtype: Any) -> Any:
+        """The ALiBi bias for keys at `key_positions` (rows, keys), as this family's layers take it:
+        (rows * heads, 1, keys), computed as HF computes it (Falcon multiplies in bfloat16)."""
+        from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+
+        slopes = _get_alibi_slopes(self.alibi_heads, key_positions.device)
+        if self.alibi_in_mask:
+            slopes = slopes.bfloat16()
+        bias = slopes[None, :, None] * key_positions[:, None, :]
+        return bias.reshape(-1, 1, key_positions.shape[-1]).to(dtype)
+
+    def fold(self, mask: Any, bias: Any) -> Any:
+        """Falcon's per-head mask: bias / sqrt(head_dim) where the float `mask` allows, its minimum elsewhere."""
+        import math
+
+        import torch
+
+        per_head = bias.view(-1, self.alibi_heads, 1, bias.shape[-1]) / math.sqrt(self.head_dim)
+        return per_head.masked_fill(mask < -1, torch.finfo(mask.dtype).min)
 
     @property
     def distinct_windows(self) -> tuple[int | None, ...]:
@@ -71,8 +98,6 @@ def describe_architecture(config: Any) -> Architecture:
     model_type = str(getattr(config, "model_type", "") or "")
     if model_type in NOT_KEY_VALUE:
         raise _refusal(model_type, NOT_KEY_VALUE[model_type])
-    if model_type == "falcon" and getattr(config, "alibi", False):
-        raise _refusal(model_type, "ALiBi position biases (alibi=True)")
     n_layers = int(config.num_hidden_layers)
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
@@ -85,6 +110,11 @@ def describe_architecture(config: Any) -> Architecture:
     if attention_layers:
         local = int(config.window_size)
         return Architecture(tuple(local if kind == "local" else None for kind in attention_layers))
+    if model_type == "bloom":
+        return Architecture((None,) * n_layers, alibi_heads=int(config.n_head))
+    if model_type == "falcon" and getattr(config, "alibi", False):
+        heads = int(config.num_attention_heads)
+        return Architecture((None,) * n_layers, alibi_heads=heads, alibi_in_mask=True, head_dim=int(config.hidden_size) // heads)
     return Architecture((int(window) if window else None,) * n_layers)
 
 

@@ -230,7 +230,9 @@ class Engine:
         suffix = len(row.target_ids) - row.split
         activations = suffix * (8 * self.model.d_model + 3 * inter) + length * getattr(cfg, "num_attention_heads", 1) * 2
         tokens = len(row.target_ids) + len(row.source[0] if row.source is not None else ())
-        masks = (self.model.n_layers + 1) * len(self.model.architecture.distinct_windows) * tokens * max(PACK_TOKENS, tokens)
+        architecture = self.model.architecture
+        per_head = architecture.alibi_heads if architecture.alibi_in_mask else 1  # Falcon's ALiBi masks are per head
+        masks = (self.model.n_layers + 1) * len(architecture.distinct_windows) * per_head * tokens * max(PACK_TOKENS, tokens)
         logits = 3 * cfg.vocab_size
         return element * (kv + activations + masks) + 4 * logits
 
@@ -374,7 +376,7 @@ class Engine:
                 if window is not None:
                     seen[window] = seen[None] & (last_pos[layout, None, None] - key_pos[layout, None, :] < window)
             masks = {window: _float_mask(allowed, dtype) for window, allowed in seen.items()}
-            logits = forward_streams(model, plan, stores, next_ids, last_pos[layout, None], masks)
+            logits = forward_streams(model, plan, stores, next_ids, last_pos[layout, None], masks, key_pos[layout])
         return [
             _RowOutput(tokens[r], stopped_text[r] if r in stopped_text else model.decode(tokens[r]), scores[r])
             for r in range(n)

@@ -393,6 +393,7 @@ def forward_opening(
     stores = [LayerKV(None, None) for _ in model.plain_layers]
     windows = model.architecture.windows
     layer_devices = [module_device(layer) for layer in model.plain_layers]
+    architecture = model.architecture
     written: dict[int, int] = {}
     final = len(layout.stages) - 1
     last = torch.tensor([layout.span_token(final, rep, len(layout.row_spans[rep].ids) - 1) for rep in plan.reps[-1]], device=device, dtype=torch.long)
@@ -406,6 +407,10 @@ def forward_opening(
                 if name in kwargs:
                     kwargs[name] = _gather_tokens(kwargs[name], origin, batch, first.width)
         kwargs["attention_mask"] = layout.mask(layer_index, layer_devices[layer_index], dtype, windows[layer_index])
+        if architecture.alibi_heads:
+            kwargs["alibi"] = architecture.layer_bias(layout.tensor(layer_index, "pos", layer_devices[layer_index]), dtype)
+            if architecture.alibi_in_mask:
+                kwargs["attention_mask"] = architecture.fold(kwargs["attention_mask"], kwargs["alibi"])
         return args[:1], kwargs
 
     def leave(layer_index: int, module: Any, args: tuple, output: Any) -> Any:
@@ -455,7 +460,8 @@ def forward_opening(
             handles.append(layer.register_forward_hook(partial(leave, j)))
         hidden = model.plain.base_model(
             input_ids=layout.tensor(0, "ids", device),
-            attention_mask=layout.mask(0, device, dtype),
+            # An ALiBi model builds its bias from a 2-D mask; each layer gets the engine's own instead.
+            attention_mask=None if architecture.alibi_heads else layout.mask(0, device, dtype),
             position_ids=layout.tensor(0, "pos", device),
             use_cache=False,
         ).last_hidden_state
@@ -474,6 +480,7 @@ def forward_streams(
     input_ids: "torch.Tensor",
     position_ids: "torch.Tensor",
     masks: dict[int | None, "torch.Tensor"],
+    key_positions: "torch.Tensor | None" = None,
 ) -> "torch.Tensor":
     """One decoding pass of the plain twin; returns logits per final stream.
 
@@ -481,12 +488,14 @@ def forward_streams(
     is its output's (GPTBigCode views the output as the input's shape). Layer 0 keeps one row per
     stage-0 stream, and each layer widens to the next stage's. `position_ids` and the 4D float masks
     (one per attention window of the model, None = full) hold one row per final stream too, or a
-    single row that every stream shares (then nothing needs narrowing).
+    single row that every stream shares (then nothing needs narrowing). An ALiBi model also needs
+    `key_positions`, each key's position in its prompt, laid out like the masks.
     """
     import torch
 
     device = input_ids.device
     batch = len(plan.reps[-1])
+    architecture = model.architecture
     windows = model.architecture.windows
     shared_layout = masks[None].shape[0] == 1 and position_ids.shape[0] == 1
 
@@ -508,6 +517,12 @@ def forward_streams(
             mask = mask.index_select(0, narrow.to(mask.device))
         # One shared row broadcasts; XGLM checks the mask's batch, so give it the layer's (a view).
         kwargs["attention_mask"] = mask.expand(hidden.shape[0], *mask.shape[1:])
+        if architecture.alibi_heads:
+            assert key_positions is not None  # the engine passes them for every ALiBi model
+            keys = key_positions if shared_layout or narrow is None else key_positions.index_select(0, narrow.to(key_positions.device))
+            kwargs["alibi"] = architecture.layer_bias(keys.expand(hidden.shape[0], keys.shape[-1]), mask.dtype)
+            if architecture.alibi_in_mask:
+                kwargs["attention_mask"] = architecture.fold(kwargs["attention_mask"], kwargs["alibi"])
         return (hidden,), kwargs
 
     def leave(widen: torch.Tensor | None, module: Any, args: tuple, output: Any) -> Any:
@@ -524,7 +539,7 @@ def forward_streams(
             handles.append(layer.register_forward_hook(partial(leave, tensor(plan.widen(j + 1)))))
         out = model.plain(
             input_ids=input_ids,
-            attention_mask=masks[None],
+            attention_mask=None if architecture.alibi_heads else masks[None],
             position_ids=position_ids,
             use_cache=False,
             logits_to_keep=1,

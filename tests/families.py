@@ -18,6 +18,8 @@ COMMON: dict[str, Any] = dict(
     num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=2,
 )
 MOE = dict(num_experts_per_tok=2)
+MIXED = ["sliding_attention", "full_attention", "sliding_attention"]
+"""Families whose default pattern (5:1, 3:1) would make all 3 tiny layers sliding get both kinds."""
 
 
 @dataclass(frozen=True)
@@ -55,17 +57,19 @@ SUPPORTED = [
            {"num_experts": 4, "moe_intermediate_size": 32, "head_dim": 16, **MOE}),
     Family("gemma", "GemmaConfig", "rotary; grouped-query; GeGLU; scaled tied embeddings", {"head_dim": 16}),
     Family("gemma2", "Gemma2Config", "rotary; alternating sliding/global, logit soft-capping; GeGLU", {"head_dim": 16, "sliding_window": WINDOW}),
-    Family("gemma3_text", "Gemma3TextConfig", "rotary (local and global bases); 5:1 sliding/global; GeGLU", {"head_dim": 16, "sliding_window": WINDOW}),
+    Family("gemma3_text", "Gemma3TextConfig", "rotary (local and global bases); sliding and global layers; GeGLU",
+           {"head_dim": 16, "sliding_window": WINDOW, "layer_types": MIXED}),
     Family("phi", "PhiConfig", "partial rotary; parallel attention + MLP; untied embeddings"),
     Family("phi3", "Phi3Config", "rotary; fused qkv; gated MLP"),
     Family("gpt2", "GPT2Config", "learned absolute; multi-head; GELU MLP; tied embeddings"),
     Family("opt", "OPTConfig", "learned absolute (offset 2); multi-head; ReLU MLP", {"ffn_dim": 128, "word_embed_proj_dim": 64}),
     Family("olmo", "OlmoConfig", "rotary; non-parametric layer norm; gated MLP"),
     Family("olmo2", "Olmo2Config", "rotary; q/k norms, post-norm; gated MLP"),
-    Family("olmo3", "Olmo3Config", "rotary; 3:1 sliding/global; gated MLP", {"sliding_window": WINDOW}),
+    Family("olmo3", "Olmo3Config", "rotary; sliding and global layers; gated MLP", {"sliding_window": WINDOW, "layer_types": MIXED}),
     Family("stablelm", "StableLmConfig", "partial rotary; grouped-query; gated MLP"),
     Family("cohere", "CohereConfig", "rotary (interleaved); parallel attention + MLP; scaled logits"),
-    Family("cohere2", "Cohere2Config", "rotary on sliding layers only; 3:1 sliding/global; parallel blocks", {"sliding_window": WINDOW}),
+    Family("cohere2", "Cohere2Config", "rotary on sliding layers only; sliding and global layers; parallel blocks",
+           {"sliding_window": WINDOW, "layer_types": MIXED}),
     Family("granite", "GraniteConfig", "rotary; grouped-query; residual and logit multipliers"),
     Family("starcoder2", "Starcoder2Config", "rotary; grouped-query, sliding window; GELU MLP with biases", {"sliding_window": WINDOW}),
     Family("gpt_oss", "GptOssConfig", "rotary (YaRN); alternating sliding/global with sinks; mixture of experts",
@@ -76,20 +80,20 @@ SUPPORTED = [
             "num_key_value_heads": 4, **MOE}),
     Family("gpt_neox", "GPTNeoXConfig", "partial rotary; parallel attention + MLP; untied embeddings (Pythia)"),
     Family("gptj", "GPTJConfig", "partial interleaved rotary; parallel attention + MLP", {"rotary_dim": 8}),
-    Family("gpt_neo", "GPTNeoConfig", "learned absolute; alternating global/local (window 8)",
+    Family("gpt_neo", "GPTNeoConfig", "learned absolute; global and local (windowed) layers",
            {"window_size": WINDOW, "attention_types": [[["global", "local", "local"], 1]]}),
     Family("codegen", "CodeGenConfig", "partial rotary; fused qkv; parallel attention + MLP", {"rotary_dim": 8}),
     Family("gpt_bigcode", "GPTBigCodeConfig", "learned absolute; multi-query attention (StarCoder)"),
     Family("falcon", "FalconConfig", "rotary; multi-query; parallel attention + MLP"),
     Family("xglm", "XGLMConfig", "sinusoidal absolute; multi-head; scaled embeddings"),
+    Family("bloom", "BloomConfig", "ALiBi; multi-head; embedding layer norm (BLOOM)"),
+    Family("falcon_alibi", "FalconConfig", "ALiBi folded into per-head masks; multi-query (Falcon-RW)", {"alibi": True}),
 ]
 
 REFUSED = [
     Family("mamba", "MambaConfig", "state-space layers"),
     Family("rwkv", "RwkvConfig", "recurrent layers"),
     Family("jamba", "JambaConfig", "hybrid attention/Mamba layers"),
-    Family("bloom", "BloomConfig", "ALiBi"),
-    Family("falcon_alibi", "FalconConfig", "ALiBi", {"alibi": True}),
-    Family("mpt", "MptConfig", "ALiBi"),
+    Family("mpt", "MptConfig", "ALiBi folded into boolean masks"),
     Family("openai_gpt", "OpenAIGPTConfig", "blocks without a key/value cache"),
 ]
