@@ -118,11 +118,33 @@ def describe_architecture(config: Any) -> Architecture:
     return Architecture((int(window) if window else None,) * n_layers)
 
 
+@dataclass(frozen=True)
+class LayerSignature:
+    """How a decoder layer class is called: its positional parameters after hidden_states, and its cache's name."""
+
+    positional: tuple[str, ...]
+    cache: str | None
+
+
+_SIGNATURES: dict[type, LayerSignature] = {}
+
+
+def layer_signature(layer: Any) -> LayerSignature:
+    """Read once per layer class: the engine calls every layer by name, with its own cache."""
+    cls = type(layer)
+    if cls not in _SIGNATURES:
+        params = list(inspect.signature(layer.forward).parameters.values())[1:]
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        names = [p.name for p in params]
+        cache = next((name for name in CACHE_ARGUMENTS if name in names), None)
+        _SIGNATURES[cls] = LayerSignature(tuple(p.name for p in params if p.kind in kinds), cache)
+    return _SIGNATURES[cls]
+
+
 def check_layers(layers: Any, model_type: str) -> None:
     """Every decoder layer must take a key/value cache argument (OpenAI-GPT's blocks take none)."""
     for layer in layers:
-        names = inspect.signature(layer.forward).parameters
-        if not any(name in names for name in CACHE_ARGUMENTS):
+        if layer_signature(layer).cache is None:
             raise _refusal(model_type, f"decoder layers ({type(layer).__name__}) without a key/value cache argument")
 
 

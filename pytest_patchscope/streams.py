@@ -21,12 +21,11 @@ Two mechanics, both hooks on the plain HF twin's decoder layers that are removed
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from .backend import CACHE_ARGUMENTS, module_device
+from .backend import layer_signature, module_device
 from .errors import EngineError, ProbeConfigError
 
 if TYPE_CHECKING:
@@ -320,34 +319,12 @@ def _take(value: Any, index: "torch.Tensor", batch: int) -> Any:
     return value
 
 
-@dataclass(frozen=True)
-class LayerSignature:
-    """How a decoder layer class is called: its positional parameters after hidden_states, and its cache's name."""
-
-    positional: tuple[str, ...]
-    cache: str | None
-
-
-_SIGNATURES: dict[type, LayerSignature] = {}
-
-
-def layer_signature(layer: Any) -> LayerSignature:
-    cls = type(layer)
-    if cls not in _SIGNATURES:
-        params = list(inspect.signature(layer.forward).parameters.values())[1:]
-        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        names = [p.name for p in params]
-        cache = next((name for name in CACHE_ARGUMENTS if name in names), None)
-        _SIGNATURES[cls] = LayerSignature(tuple(p.name for p in params if p.kind in kinds), cache)
-    return _SIGNATURES[cls]
-
-
 def _layer_kwargs(module: Any, args: tuple, kwargs: dict, store: LayerKV) -> dict:
     """A decoder layer's arguments by name (GPT-2 passes some by position), with `store` as its cache."""
     signature = layer_signature(module)
     kwargs = dict(kwargs)
     kwargs.update(zip(signature.positional, args[1:]))
-    assert signature.cache is not None  # checked when the model was loaded (models.check_supported)
+    assert signature.cache is not None  # checked when the model was loaded (backend.check_layers)
     kwargs[signature.cache] = store
     return kwargs
 
