@@ -42,6 +42,8 @@ NOT_KEY_VALUE = {
     "nemotron_h": "hybrid attention/Mamba layers", "qwen3_next": "hybrid linear/full attention layers",
     "recurrent_gemma": "recurrent (Griffin) layers", "lfm2": "hybrid convolution/attention layers",
     "lfm2_moe": "hybrid convolution/attention layers", "llama4_text": "chunked attention layers",
+    "gemma4": "per-layer head dimensions and key/value layers shared across layers",
+    "gemma4_text": "per-layer head dimensions and key/value layers shared across layers",
     "mpt": "ALiBi position biases folded into boolean masks",
     "bert": "an encoder run as a decoder", "roberta": "an encoder run as a decoder", "modernbert-decoder": "bidirectional-trained layers",
 }

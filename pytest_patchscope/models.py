@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .backend import (
+    VERIFIED_FAMILIES,
     check_device_map,
     check_device_map_fits,
     check_dtype_runs,
@@ -30,7 +31,7 @@ from .backend import (
     plain_twin,
     resolve_dtype,
 )
-from .errors import ModelLoadError, ProbeConfigError, WeightsNotInstalledError
+from .errors import ModelLoadError, ProbeConfigError, WeightsNotInstalledError, warn_at_caller
 from .fileio import atomic_write, file_lock
 from .workers import detect_device
 
@@ -114,6 +115,15 @@ def resolve_model_source(spec: str | os.PathLike[str] | None) -> ModelSource:
         snapshot = _hub_cache_snapshot(str(spec))
         if snapshot is not None and (snapshot / "config.json").is_file():
             return ModelSource("hf_dir", snapshot, str(spec))
+        from huggingface_hub import constants
+
+        raise ModelLoadError(
+            f"model={str(spec)!r} is neither a path nor a hub id in the local Hugging Face cache "
+            f"(looked in {constants.HF_HUB_CACHE}, and at {path.absolute()}). Nothing is downloaded at test time: "
+            f"download it once with `hf download {spec}` (or `huggingface-cli download {spec}`), then run again; "
+            "HF_HUB_OFFLINE=1 keeps every later run offline. Allowed: 'default', an HF-format directory, a .gguf "
+            "file, or a cached hub id."
+        )
     if not path.exists():
         raise ModelLoadError(
             f"model={str(spec)!r} does not exist. Allowed: 'default', a local HF-format directory "
@@ -383,6 +393,12 @@ def from_hf(hf_model: Any, tokenizer: Any, *, name: str, weights_hash: str = "",
         ) from exc
     model = PatchscopeModel(bridge, tokenizer, name=name, weights_hash=weights_hash, device=device)
     check_layers(model.plain_layers, model_type)
+    if model_type not in VERIFIED_FAMILIES:
+        warn_at_caller(
+            f"architecture={model_type!r} loads, but it is not among the families checked token for token against "
+            f"plain HF (tests/test_families.py: {', '.join(VERIFIED_FAMILIES)}); compare a few probes with plain HF "
+            "hooks before trusting its results."
+        )
     return model
 
 

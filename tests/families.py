@@ -96,4 +96,9 @@ REFUSED = [
     Family("jamba", "JambaConfig", "hybrid attention/Mamba layers"),
     Family("mpt", "MptConfig", "ALiBi folded into boolean masks"),
     Family("openai_gpt", "OpenAIGPTConfig", "blocks without a key/value cache"),
+    Family("gemma4_text", "Gemma4TextConfig", "per-layer head dimensions, key/value layers shared across layers", {"head_dim": 16}),
+    Family("qwen3_next", "Qwen3NextConfig", "hybrid linear/full attention layers"),
+    Family("llama4_text", "Llama4TextConfig", "chunked attention layers"),
+    Family("modernbert_decoder", "ModernBertDecoderConfig", "bidirectionally trained layers run causally"),
+    Family("bert", "BertConfig", "an encoder run as a decoder (BertLMHeadModel)", {"is_decoder": True}),
 ]

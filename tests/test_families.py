@@ -104,6 +104,15 @@ def test_unsupported_families_are_refused_at_load_time(refused, tokenizer):
     assert f"architecture={hf.config.model_type!r}" in message and "llama, mistral" in message
 
 
+def test_an_unverified_family_loads_with_a_warning(tokenizer):
+    from pytest_patchscope.errors import PatchscopeWarning
+
+    from families import Family
+
+    with pytest.warns(PatchscopeWarning, match=r"architecture='nemotron' loads, but it is not among the families checked"):
+        from_hf(Family("nemotron", "NemotronConfig", "").build(), tokenizer, name="tiny-nemotron")
+
+
 def test_every_verified_family_is_in_the_matrix():
     """VERIFIED_FAMILIES (what the load-time message calls supported) is exactly what this file checks."""
     import transformers

@@ -234,9 +234,12 @@ def test_a_hub_id_in_the_local_cache_loads_offline(hub_cache):
     assert model.name == "acme/tiny-llama" and model.n_layers == 4
 
 
-def test_a_hub_id_that_is_not_cached_says_nothing_is_downloaded(hub_cache):
-    with pytest.raises(models.ModelLoadError, match=r"model='acme/other' does not exist.*local Hugging Face cache \(nothing is downloaded\)"):
+def test_a_hub_id_that_is_not_cached_says_where_it_looked_and_how_to_download_it(hub_cache, tmp_path):
+    with pytest.raises(models.ModelLoadError) as info:
         models.resolve_model_source("acme/other")
+    message = str(info.value)
+    assert "model='acme/other' is neither a path nor a hub id in the local Hugging Face cache" in message
+    assert f"looked in {tmp_path / 'hub'}" in message and "hf download acme/other" in message
 
 
 def test_the_model_option_takes_a_hub_id_written_as_one_or_two_words(pytester, hub_cache):
