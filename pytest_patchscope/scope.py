@@ -123,8 +123,8 @@ class Patchscope:
         over several, through accelerate. `trust_remote_code=True` lets a checkpoint's own Python
         files run. See `load_model`.
         """
-        model_ = load_model(model, device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
-        return cls(model_, **kwargs)
+        loaded = load_model(model, device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
+        return cls(loaded, **kwargs)
 
     # ---- building probes -------------------------------------------------------------------
     def probe(
