@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 from .backend import (
     VERIFIED_FAMILIES,
+    Architecture,
     check_device_map,
     check_device_map_fits,
     check_dtype_runs,
@@ -296,7 +297,7 @@ def _refuse_unsafe_pickles(directory: Path) -> None:
 class PatchscopeModel:
     """A loaded model: the bridge's hook points over an HF causal LM, its tokenizer and identity."""
 
-    def __init__(self, bridge: Any, tokenizer: Any, *, name: str, weights_hash: str, device: str) -> None:
+    def __init__(self, bridge: Any, tokenizer: Any, *, name: str, weights_hash: str, device: str, architecture: Architecture) -> None:
         self.bridge = bridge
         self.hf = bridge.original_model
         self.tokenizer = tokenizer
@@ -306,7 +307,7 @@ class PatchscopeModel:
         self.load_seconds = 0.0
         self.n_layers: int = int(bridge.cfg.n_layers)
         self.d_model: int = int(bridge.cfg.d_model)
-        self.architecture = describe_architecture(self.hf.config)
+        self.architecture = architecture
         self.dtype: str = str(next(self.hf.parameters()).dtype).removeprefix("torch.")
         """The dtype the weights were loaded in ("float32", "bfloat16", "float16"): reports and baselines name it."""
         eos = getattr(self.hf.generation_config, "eos_token_id", None)
@@ -374,7 +375,7 @@ def from_hf(hf_model: Any, tokenizer: Any, *, name: str, weights_hash: str = "",
     from transformer_lens.model_bridge import TransformerBridge
 
     model_type = str(getattr(hf_model.config, "model_type", ""))
-    describe_architecture(hf_model.config)  # refuses unsupported families before anything is wrapped
+    architecture = describe_architecture(hf_model.config)  # refuses unsupported families before anything is wrapped
     hf_model.eval()
     if device is None:
         device = str(hf_model.get_input_embeddings().weight.device)
@@ -391,7 +392,7 @@ def from_hf(hf_model: Any, tokenizer: Any, *, name: str, weights_hash: str = "",
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Allowed: decoder-only "
             "architectures that TransformerBridge supports."
         ) from exc
-    model = PatchscopeModel(bridge, tokenizer, name=name, weights_hash=weights_hash, device=device)
+    model = PatchscopeModel(bridge, tokenizer, name=name, weights_hash=weights_hash, device=device, architecture=architecture)
     check_layers(model.plain_layers, model_type)
     if model_type not in VERIFIED_FAMILIES:
         warn_at_caller(

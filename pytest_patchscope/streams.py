@@ -368,9 +368,8 @@ def forward_opening(
     for patch in patches:
         by_layer.setdefault(patch.layer, []).append(patch)
     stores = [LayerKV(None, None) for _ in model.plain_layers]
-    windows = model.architecture.windows
-    layer_devices = [module_device(layer) for layer in model.plain_layers]
     architecture = model.architecture
+    layer_devices = [module_device(layer) for layer in model.plain_layers]
     written: dict[int, int] = {}
     final = len(layout.stages) - 1
     last = torch.tensor([layout.span_token(final, rep, len(layout.row_spans[rep].ids) - 1) for rep in plan.reps[-1]], device=device, dtype=torch.long)
@@ -383,7 +382,7 @@ def forward_opening(
             for name in ("position_ids", "position_embeddings"):
                 if name in kwargs:
                     kwargs[name] = _gather_tokens(kwargs[name], origin, batch, first.width)
-        kwargs["attention_mask"] = layout.mask(layer_index, layer_devices[layer_index], dtype, windows[layer_index])
+        kwargs["attention_mask"] = layout.mask(layer_index, layer_devices[layer_index], dtype, architecture.windows[layer_index])
         if architecture.alibi_heads:
             kwargs["alibi"] = architecture.layer_bias(layout.tensor(layer_index, "pos", layer_devices[layer_index]), dtype)
             if architecture.alibi_in_mask:
@@ -473,7 +472,6 @@ def forward_streams(
     device = input_ids.device
     batch = len(plan.reps[-1])
     architecture = model.architecture
-    windows = model.architecture.windows
     shared_layout = masks[None].shape[0] == 1 and position_ids.shape[0] == 1
 
     def tensor(index: list[int] | None) -> torch.Tensor | None:
@@ -489,7 +487,7 @@ def forward_streams(
                 for name in PER_SEQUENCE_KWARGS:
                     if name in kwargs:
                         kwargs[name] = _take(kwargs[name], narrow, batch)
-        mask = masks[windows[layer_index]]
+        mask = masks[architecture.windows[layer_index]]
         if not shared_layout and narrow is not None:
             mask = mask.index_select(0, narrow.to(mask.device))
         # One shared row broadcasts; XGLM checks the mask's batch, so give it the layer's (a view).
