@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, cast
 
 from .errors import EngineError, ProbeConfigError
 from .probe import Probe, ResolvedProbe, apply_mapping, mapping_name, resolve_probe
-from .streams import LayerKV, PackedLayout, Patch, Span, StreamPlan, forward_opening, forward_streams
+from .sites import DEFAULT_SITE, SiteLocation, locate_site
+from .streams import Capture, LayerKV, PackedLayout, Patch, Span, StreamPlan, forward_opening, forward_streams
 
 if TYPE_CHECKING:
     import torch
@@ -32,8 +33,11 @@ DEFAULT_MAX_NEW_TOKENS_LIMIT = 1024
 """Default sanity bound on a probe's max_new_tokens: a typo such as 10**7 fails fast instead of running for days."""
 PACK_TOKENS = 512
 """Longest packed row of the opening pass (unless one unit is longer): bounds its T x T mask."""
-SourceStates = dict[tuple[tuple[int, ...], int], dict[int, Any]]
-"""Hidden states already at hand: (source ids, source index) -> {layer: (d_model,) tensor}."""
+StateKey = tuple[tuple[int, ...], int, str, str]
+"""(source ids, source index, site name, source model): one source value, at every layer asked for.
+The source model is "" for the engine's own model, else `source_model_key` of another one."""
+SourceStates = dict[StateKey, dict[int, Any]]
+"""Source values already at hand: StateKey -> {layer: tensor of the site's shape}."""
 
 
 @dataclass(frozen=True)
@@ -56,18 +60,32 @@ class PatchResult:
 
 @dataclass
 class _Row:
-    """One sequence of a batch: a target prompt, at most one patch, and its decoding budget."""
+    """One sequence of a batch: a target prompt, at most one patch, and its decoding budget.
+
+    A patched row writes the source value `sources[k]` (or its only one) at target token
+    `offsets[k]` past its split, at `location` in block `patch_layer`.
+    """
 
     target_ids: tuple[int, ...]
     split: int  # tokens before this index are the shared prefix
     patch_layer: int | None = None
-    source: tuple[tuple[int, ...], int] | None = None  # (source ids, source index); None = clean row
+    sources: tuple[StateKey, ...] = ()  # none: a clean row
+    location: SiteLocation | None = None
+    offsets: tuple[int, ...] = (0,)
+    units: tuple[int, ...] | None = None
     source_layer: int = 0
     mapping: Any = None
     strength: float = 1.0
     max_new_tokens: int = 20
     stop: tuple[str, ...] = ()
     score_ids: tuple[int, ...] = ()
+
+    @property
+    def branch_stage(self) -> int | None:
+        """The first stage at which this row differs from the clean rows on its target (None: never)."""
+        if not self.sources or self.patch_layer is None or self.location is None:
+            return None
+        return self.location.branch_stage(self.patch_layer)
 
 
 @dataclass
@@ -99,16 +117,19 @@ class Engine:
         self.max_new_tokens_limit = max_new_tokens_limit
 
     # ---- the opening pass: prefixes, source prompts and patched spans, packed -----------------
-    def capture(self, prompt_ids: Sequence[int], index: int, layers: Iterable[int]) -> dict[int, "torch.Tensor"]:
-        """Hidden states after each of `layers` (= `blocks.{l}.hook_out`) at token `index` of one prompt."""
-        return self.capture_many([(prompt_ids, index)], layers)[0]
+    def capture(self, prompt_ids: Sequence[int], index: int, layers: Iterable[int], site: str = DEFAULT_SITE) -> dict[int, "torch.Tensor"]:
+        """The site's values in each of `layers` (resid_post: `blocks.{l}.hook_resid_post`) at token `index` of one prompt."""
+        return self.capture_many([(prompt_ids, index)], layers, site)[0]
 
-    def capture_many(self, requests: Sequence[tuple[Sequence[int], int]], layers: Iterable[int]) -> list[dict[int, "torch.Tensor"]]:
+    def capture_many(
+        self, requests: Sequence[tuple[Sequence[int], int]], layers: Iterable[int], site: str = DEFAULT_SITE
+    ) -> list[dict[int, "torch.Tensor"]]:
         """`capture` for many (prompt ids, token index) pairs in one packed opening pass; each prompt
         runs once however many of its positions are asked for. The caller bounds the batch."""
         import torch
 
-        keys = [(tuple(ids), index % len(ids)) for ids, index in requests]
+        locate_site(self.model, site)
+        keys = [(tuple(ids), index % len(ids), site, "") for ids, index in requests]
         wanted = {key: set(layers) for key in keys}
         states: SourceStates = {}
         with torch.no_grad():
@@ -116,7 +137,7 @@ class Engine:
         return [states[key] for key in keys]
 
     def _opening(
-        self, rows: list[_Row], wanted: dict[tuple[tuple[int, ...], int], set[int]], states: SourceStates,
+        self, rows: list[_Row], wanted: dict[StateKey, set[int]], states: SourceStates,
         vector_of: Callable[[int], Any] | None,
     ) -> tuple[StreamPlan, list[int], dict[Any, int], "torch.Tensor | None", list[LayerKV], int, int]:
         """One pass over every shared prefix, every source prompt in `wanted` and every row's T[split:].
@@ -135,26 +156,29 @@ class Engine:
         # Rows share a stream while they have seen the same tokens: at first, the same target and shard.
         group_ids: dict[Any, int] = {}
         groups = [group_ids.setdefault((row.target_ids, row.split, shard_of[r]), len(group_ids)) for r, row in enumerate(rows)]
-        patch_layers = [row.patch_layer if row.source is not None else None for row in rows]
-        plan = StreamPlan(range(len(rows)), groups, patch_layers, self.model.n_layers)
+        plan = StreamPlan(range(len(rows)), groups, [row.branch_stage for row in rows], self.model.n_layers)
         layout = PackedLayout(plan, spans, segments, n_packed)
-        captures: dict[int, list[tuple[Any, int, int]]] = {}
+        captures: dict[tuple[int, str], list[Capture]] = {}
+        locations = {row.location.site.name: row.location for row in rows if row.location is not None}
         for key, layers in wanted.items():
+            locations.setdefault(key[2], locate_site(self.model, key[2]))
             for layer in layers:
-                captures.setdefault(layer, []).append((key, segment_of[key[0]], key[1]))
+                captures.setdefault((layer, key[2]), []).append((key, segment_of[key[0]], key[1]))
         patches = [
-            Patch(r, row.patch_layer, partial(vector_of, r), row.strength, mapping_name(row.mapping))
+            Patch(r, row.patch_layer, row.location, row.offsets, partial(vector_of, r), row.strength,
+                  row.location.columns(row.units), mapping_name(row.mapping))
             for r, row in enumerate(rows)
-            if row.source is not None and row.patch_layer is not None and vector_of is not None
+            if row.sources and row.patch_layer is not None and row.location is not None and vector_of is not None
         ]
-        logits, kv, written = forward_opening(self.model, layout, captures, states, patches)
+        logits, kv, written = forward_opening(self.model, layout, captures, states, patches, list(locations.values()))
         # A patch that is silently not written (or written twice) would pass for a probe that
         # found nothing: every patched row must have been written exactly once.
         for r, row in enumerate(rows):
-            if row.source is not None and written.get(r, 0) != 1:
+            if row.sources and written.get(r, 0) != 1:
+                assert row.location is not None and row.patch_layer is not None  # every patched row has both
                 raise EngineError(
-                    f"the patch of row {r} (after layer {row.patch_layer}) was written {written.get(r, 0)} "
-                    "times in the opening pass instead of once"
+                    f"the patch of row {r} (at {row.location.site.hook_name(row.patch_layer)}) was written "
+                    f"{written.get(r, 0)} times in the opening pass instead of once"
                 )
         prefix_width = max((row.split for row in rows), default=0)
         span_width = max((len(row.target_ids) - row.split for row in rows), default=0)
@@ -163,7 +187,7 @@ class Engine:
 
     @staticmethod
     def _pack(
-        rows: list[_Row], wanted: dict[tuple[tuple[int, ...], int], set[int]]
+        rows: list[_Row], wanted: dict[StateKey, set[int]]
     ) -> tuple[list[tuple[tuple[int, ...], int]], dict[int, Span], list[int], int]:
         """Lay out the opening pass: (segment, packed row) list, each row's span, its shard, packed rows.
 
@@ -189,7 +213,7 @@ class Engine:
                 spans_length += length
             units.append((prefix, shard))
         prefixes = {prefix for prefix, _ in units}
-        units += [(ids, []) for ids in dict.fromkeys(ids for ids, _ in wanted) if ids not in prefixes]
+        units += [(ids, []) for ids in dict.fromkeys(key[0] for key in wanted) if ids not in prefixes]
 
         size = [len(prefix) + sum(len(rows[r].target_ids) - rows[r].split for r in members) for prefix, members in units]
         cap = max([PACK_TOKENS, *size])
@@ -229,7 +253,7 @@ class Engine:
         inter = getattr(cfg, "intermediate_size", None) or 4 * self.model.d_model
         suffix = len(row.target_ids) - row.split
         activations = suffix * (8 * self.model.d_model + 3 * inter) + length * getattr(cfg, "num_attention_heads", 1) * 2
-        tokens = len(row.target_ids) + len(row.source[0] if row.source is not None else ())
+        tokens = len(row.target_ids) + sum(len(ids) for ids in dict.fromkeys(key[0] for key in row.sources))
         architecture = self.model.architecture
         per_head = architecture.alibi_heads if architecture.alibi_in_mask else 1  # Falcon's ALiBi masks are per head
         masks = (self.model.n_layers + 1) * len(architecture.distinct_windows) * per_head * tokens * max(PACK_TOKENS, tokens)
@@ -274,20 +298,27 @@ class Engine:
         """
         outputs: list[_RowOutput | None] = [None] * len(rows)
         chunks = self._chunks(rows)
-        wanted: dict[tuple[tuple[int, ...], int], set[int]] = {}
+        wanted: dict[StateKey, set[int]] = {}
         for row in rows:
-            if row.source is not None and row.source_layer not in states.get(row.source, {}):
-                wanted.setdefault(row.source, set()).add(row.source_layer)
-        # A patch is written after its target layer; a state from a higher source layer must exist by then.
-        if any(rows[k].source in wanted and rows[k].source_layer > (rows[k].patch_layer or 0) for k in chunks[0]):
+            for key in row.sources:
+                if row.source_layer not in states.get(key, {}):
+                    wanted.setdefault(key, set()).add(row.source_layer)
+        # A patch is written in its target layer; a value from a higher source layer must exist by then.
+        if any(key in wanted and rows[k].source_layer > (rows[k].patch_layer or 0) for k in chunks[0] for key in rows[k].sources):
             self._opening([], wanted, states, None)
             wanted = {}
         vectors: dict[int, Any] = {}
 
         def vector_of(k: int) -> Any:
+            """Row k's mapped source values, one (width,) row per target offset."""
+            import torch
+
             if k not in vectors:
                 row = rows[k]
-                vectors[k] = apply_mapping(row.mapping, states[row.source][row.source_layer], self.model.d_model)  # type: ignore[index]
+                assert row.location is not None  # only patched rows have vectors
+                mapped = [apply_mapping(row.mapping, states[key][row.source_layer], row.location.shape) for key in row.sources]
+                flat = torch.stack([m.reshape(-1) for m in mapped])
+                vectors[k] = flat.expand(len(row.offsets), -1) if len(mapped) == 1 else flat
             return vectors[k]
 
         total = sum(row.max_new_tokens for row in rows)
@@ -302,7 +333,7 @@ class Engine:
                 outputs[k] = out
             if number == 0:
                 for k, row in enumerate(rows):
-                    if row.source is not None:
+                    if row.sources:
                         vector_of(k)
             done += sum(rows[k].max_new_tokens for k in chunk)
             if progress is not None:
@@ -310,7 +341,7 @@ class Engine:
         return [o for o in outputs if o is not None]
 
     def _run_chunk(
-        self, rows: list[_Row], wanted: dict[tuple[tuple[int, ...], int], set[int]], states: SourceStates, vector_of: Callable[[int], Any]
+        self, rows: list[_Row], wanted: dict[StateKey, set[int]], states: SourceStates, vector_of: Callable[[int], Any]
     ) -> list[_RowOutput]:
         """The opening pass and greedy decoding of one chunk, rows sharing streams where they agree."""
         import torch
@@ -336,7 +367,7 @@ class Engine:
         # One layout for every row (a sweep's single target): one mask and one set of positions
         # broadcast over all streams, instead of one per stream.
         uniform = len({(row.split, len(row.target_ids)) for row in rows}) == 1
-        patch_layers = [row.patch_layer if row.source is not None else None for row in rows]
+        branch_stages = [row.branch_stage for row in rows]
 
         tokens: list[list[int]] = [[] for _ in range(n)]
         stopped_text: dict[int, str] = {}  # rows cut at a stop string
@@ -364,7 +395,7 @@ class Engine:
             valid = torch.cat([valid, torch.ones(n, 1, dtype=torch.bool, device=device)], dim=1)
             last_pos = last_pos + 1
             key_pos = torch.cat([key_pos, last_pos[:, None]], dim=1)
-            previous, plan = plan, StreamPlan(active, groups, patch_layers, model.n_layers)
+            previous, plan = plan, StreamPlan(active, groups, branch_stages, model.n_layers)
             for j, store in enumerate(stores):
                 parent = plan.from_previous(previous, j)
                 store.select(None if parent is None else torch.tensor(parent, device=device))
@@ -412,12 +443,16 @@ def build_rows(
     clean_index: dict[tuple[Any, ...], int] = {}
     for k, rp in enumerate(resolved):
         scores = tuple(score_ids[k]) if score_ids else ()
+        site = rp.location.site.name
         rows.append(
             _Row(
                 target_ids=rp.target_ids,
                 split=rp.target_index,
                 patch_layer=rp.target_layer,
-                source=(rp.source_ids, rp.source_index),
+                sources=tuple((rp.source_ids, index, site, source_model_key(rp.source_model)) for index in rp.source_indices),
+                location=rp.location,
+                offsets=tuple(index - rp.target_index for index in rp.target_indices),
+                units=rp.units,
                 source_layer=rp.layer,
                 mapping=rp.probe.mapping,
                 strength=float(rp.probe.strength),
@@ -445,6 +480,32 @@ def build_rows(
     return rows, patched_rows, clean_rows
 
 
+def source_model_key(model: "PatchscopeModel | None") -> str:
+    """The StateKey element naming a probe's source model: "" for the engine's own model."""
+    return "" if model is None else f"{model.name}#{model.weights_hash or id(model)}"
+
+
+def _capture_other_models(resolved: Sequence[ResolvedProbe], states: SourceStates, batch_memory_mb: float) -> None:
+    """Source values of probes whose source runs on another model (the paper's M != M*): one packed
+    capture pass per (source model, site) on that model's own engine, before the target job runs."""
+    requests: dict[tuple[str, str], tuple["PatchscopeModel", dict[tuple[tuple[int, ...], int], set[int]]]] = {}
+    for rp in resolved:
+        if rp.source_model is None:
+            continue
+        site = rp.location.site.name
+        _, wanted = requests.setdefault((source_model_key(rp.source_model), site), (rp.source_model, {}))
+        for index in rp.source_indices:
+            wanted.setdefault((rp.source_ids, index), set()).add(rp.layer)
+    for (origin, site), (model, wanted) in requests.items():
+        pending = [(request, layers) for request, layers in wanted.items() if not layers <= set(states.get((*request, site, origin), {}))]
+        if not pending:
+            continue
+        layers = sorted(set().union(*(layers for _, layers in pending)))
+        captured = Engine(model, batch_memory_mb=batch_memory_mb).capture_many([request for request, _ in pending], layers, site)
+        for (request, _), values in zip(pending, captured):
+            states.setdefault((*request, site, origin), {}).update(values)
+
+
 def run_probes(
     engine: Engine,
     probes: Sequence[Probe],
@@ -466,6 +527,7 @@ def run_probes(
     with torch.no_grad():
         rows, patched, clean_rows = build_rows(resolved, score_ids, clean=clean)
         states: SourceStates = {key: dict(value) for key, value in (source_states or {}).items()}
+        _capture_other_models(resolved, states, engine.batch_memory_mb)
         outputs = engine.run_rows(rows, states, progress)
     results: list[PatchResult] = []
     for k, rp in enumerate(resolved):

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 from .engine import DEFAULT_BATCH_MEMORY_MB, run_probes
 from .errors import PatchscopeError, ProbeConfigError, ReportError
 from .presets import TOKEN_IDENTITY
+from .sites import DEFAULT_SITE
 
 if TYPE_CHECKING:
     import torch
@@ -530,7 +531,7 @@ def evaluate_nexttoken(
     lap("capture")
 
     # 2. token identity: one batched engine job for every (sample, layer)
-    known = {(s.ids, s.position): {layer: states[layer][k] for layer in chosen} for k, s in enumerate(samples)}
+    known = {(s.ids, s.position, DEFAULT_SITE, ""): {layer: states[layer][k] for layer in chosen} for k, s in enumerate(samples)}
     probes = [scope.probe(s.text, TOKEN_IDENTITY, layer=layer, max_new_tokens=1, stop=()) for s in samples for layer in chosen]
     score_ids = [(int(targets[k]),) for k in range(len(samples)) for _ in chosen]
     log(f"token identity: {len(probes)} probes in one batched job")

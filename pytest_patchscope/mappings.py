@@ -2,6 +2,8 @@
 
 `AffineMapping` is the paper's learned affine map (tuned-lens style): fitted by least squares,
 saved to and loaded from a safetensors file, and usable as `mapping=` in any probe.
+`ZERO` and `mean_ablation(states)` are the paper's f = 0 (attention knockout) and mean ablation;
+with a probe's `units` they ablate single neurons or heads.
 """
 from __future__ import annotations
 
@@ -62,3 +64,46 @@ class AffineMapping(torch.nn.Module):
                 "mapping", str(path), "a safetensors file with 'weight' (d_in, d_out) and 'bias' (d_out,) tensors",
                 f"Reading it failed: {exc}",
             ) from exc
+
+
+class ConstantMapping(torch.nn.Module):
+    """f(h) = c: the source value is replaced by a fixed vector of the site's shape (ablation)."""
+
+    def __init__(self, value: torch.Tensor, name: str) -> None:
+        super().__init__()
+        self.value = torch.nn.Parameter(value.detach().float(), requires_grad=False)
+        self.name = name
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.value.to(hidden.dtype)
+
+
+class _Zero:
+    """f(h) = 0 for any site's shape: zero ablation, the paper's attention-knockout f."""
+
+    name = "zero"
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(hidden)
+
+    def __repr__(self) -> str:
+        return "ZERO"
+
+
+ZERO = _Zero()
+
+
+def mean_ablation(states: torch.Tensor | list[torch.Tensor], name: str = "mean_ablation") -> ConstantMapping:
+    """f(h) = the mean of `states` (n values of the site's shape, e.g. captured over a corpus).
+
+    Its identity in baselines hashes the mean, so two different means never share a key.
+    """
+    if isinstance(states, (list, tuple)):
+        if not states or not all(isinstance(s, torch.Tensor) for s in states):
+            raise ProbeConfigError("states", type(states).__name__, "a non-empty list of tensors of one shape, or an (n, ...) tensor")
+        states = torch.stack([s.detach().float() for s in states])
+    if not isinstance(states, torch.Tensor) or states.ndim < 2 or states.shape[0] < 1 or not states.is_floating_point():
+        raise ProbeConfigError(
+            "states", getattr(states, "shape", states), "an (n, ...) floating-point tensor of n >= 1 values of the site's shape"
+        )
+    return ConstantMapping(states.float().mean(dim=0), name=name)

@@ -515,6 +515,18 @@ def load_model(
     return model
 
 
+_LOADED: dict[tuple[str, str], PatchscopeModel] = {}
+
+
+def load_cached(spec: str | os.PathLike[str], device: str = "cpu") -> PatchscopeModel:
+    """`load_model(spec, device=device)`, once per process and resolved path: a probe's source_model
+    given as a spec must not reload the checkpoint for every probe."""
+    key = (str(resolve_model_source(spec).path), device)
+    if key not in _LOADED:
+        _LOADED[key] = load_model(spec, device=device)
+    return _LOADED[key]
+
+
 def load_dtype(source: ModelSource, dtype: Any, device: str) -> str:
     """The dtype `source` loads in on `device` ('auto': its config.json's dtype on a GPU; a GGUF's is
     float32, what its quantized blocks dequantize to)."""

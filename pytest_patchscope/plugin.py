@@ -6,6 +6,7 @@ the baseline/report modules; it only decides which model a test uses and where r
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
@@ -237,15 +238,25 @@ class PytestPatchscope:
     def model(self) -> "PatchscopeModel":
         return self.current.model
 
+    def model_for(self, spec: str | os.PathLike[str]) -> "PatchscopeModel":
+        """Another model from the session's cache, loaded the first time: e.g. a probe's source_model."""
+        return self._session.scope(str(spec)).model
+
+    def _session_models(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """A source_model given as a spec comes from the session's cache, like the test's own model."""
+        if isinstance(kwargs.get("source_model"), (str, os.PathLike)):
+            kwargs["source_model"] = self.model_for(kwargs["source_model"])
+        return kwargs
+
     def probe(self, *args: Any, **kwargs: Any) -> "Probe":
         """Patchscope.probe on the test's model."""
         __tracebackhide__ = True
-        return _user_facing(self.current.probe, *args, **kwargs)
+        return _user_facing(self.current.probe, *args, **self._session_models(kwargs))
 
     def generate(self, *args: Any, **kwargs: Any) -> "PatchResult":
         """Patchscope.generate on the test's model."""
         __tracebackhide__ = True
-        return _user_facing(self.current.generate, *args, **kwargs)
+        return _user_facing(self.current.generate, *args, **self._session_models(kwargs))
 
     def run(self, *args: Any, **kwargs: Any) -> "list[PatchResult]":
         """Patchscope.run on the test's model."""
@@ -257,7 +268,7 @@ class PytestPatchscope:
         __tracebackhide__ = True
         from .gate import gate_of
 
-        profile = _user_facing(self.current.sweep, *args, **kwargs)
+        profile = _user_facing(self.current.sweep, *args, **self._session_models(kwargs))
         gate = gate_of(self._session.config)
         if gate.compare_spec is not None:
             gate.remember_reference(profile, _user_facing(self._session.scope(gate.compare_spec).sweep, *args, **kwargs))

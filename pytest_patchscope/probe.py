@@ -9,9 +9,10 @@ import inspect
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Literal, Union
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence, Union
 
 from .errors import ProbeConfigError
+from .sites import SiteLocation, locate_site
 
 if TYPE_CHECKING:
     import torch
@@ -19,16 +20,30 @@ if TYPE_CHECKING:
     from .models import PatchscopeModel
 
 
+TokenChoice = Literal["last", "first", "all"]
+TOKEN_CHOICES = ("last", "first", "all")
+
+
 @dataclass(frozen=True)
 class Substring:
-    """A substring of the prompt; resolves to its last token (or its first, with token='first').
+    """A substring of the prompt; resolves to its last token (token='first': its first one;
+    token='all': every token of it, e.g. all tokens of a multi-token entity).
 
     `occurrence` picks which occurrence (0 = first, -1 = last).
     """
 
     text: str
-    token: Literal["last", "first"] = "last"
+    token: TokenChoice = "last"
     occurrence: int = 0
+
+
+@dataclass(frozen=True)
+class Span:
+    """A (start, end) character span of the prompt with a token choice, like Substring's."""
+
+    start: int
+    end: int
+    token: TokenChoice = "last"
 
 
 @dataclass(frozen=True)
@@ -42,7 +57,9 @@ class Placeholder:
 CharSpan = tuple[int, int]
 """A (start, end) character span of the prompt: resolves like a Substring at exactly that place."""
 
-Position = Union[int, str, Substring, Placeholder, CharSpan]
+Position = Union[int, str, Substring, Placeholder, CharSpan, Span]
+Positions = Union[Position, list[Position]]
+"""One position, or a list of them: a list patches several tokens (see `Probe`)."""
 Mapping = Callable[["torch.Tensor"], "torch.Tensor"]
 
 MAX_STRENGTH = 1000.0
@@ -61,7 +78,11 @@ def finite_real(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def describe_position(position: Position) -> str:
+def describe_position(position: Positions) -> str:
+    if isinstance(position, list):
+        return "[" + ", ".join(describe_position(p) for p in position) + "]"
+    if isinstance(position, Span):
+        return f"({position.start}, {position.end})" + ("" if position.token == "last" else f"[{position.token}]")
     if isinstance(position, Substring):
         return f"{position.text!r}[{position.token}]" + (f"#{position.occurrence}" if position.occurrence else "")
     if isinstance(position, Placeholder):
@@ -95,19 +116,24 @@ def _span_of_occurrence(field_name: str, prompt: str, text: str, occurrence: int
 
 def _resolve_span(
     field_name: str, prompt: str, offsets: list[tuple[int, int]], span: tuple[int, int], token: str, shown: Any
-) -> int:
+) -> tuple[int, ...]:
     start, end = span
     if not (0 <= start < end <= len(prompt)):
         raise ProbeConfigError(field_name, shown, f"a (start, end) character span with 0 <= start < end <= {len(prompt)}")
     covering = [k for k, (s, e) in enumerate(offsets) if s < end and e > start and e > s]
-    if token not in ("last", "first"):
-        raise ProbeConfigError(f"{field_name}.token", token, "'last' or 'first'")
+    if token not in TOKEN_CHOICES:
+        raise ProbeConfigError(f"{field_name}.token", token, "'last', 'first' or 'all'")
     if covering:
         last, first = covering[-1], covering[0]
         head = prompt[offsets[first][0]:start]
-        aligned = offsets[last][1] == end if token == "last" else (head == "" or head.isspace())
-        if aligned:
-            return last if token == "last" else first
+        starts_aligned = head == "" or head.isspace()
+        ends_aligned = offsets[last][1] == end
+        if token == "last" and ends_aligned:
+            return (last,)
+        if token == "first" and starts_aligned:
+            return (first,)
+        if token == "all" and starts_aligned and ends_aligned:
+            return tuple(covering)
     raise ProbeConfigError(
         field_name, shown,
         f"text that starts and ends on token boundaries; {prompt[start:end]!r} is lost to tokenization "
@@ -116,8 +142,19 @@ def _resolve_span(
     )
 
 
-def resolve_position(field_name: str, position: Position, prompt: str, model: "PatchscopeModel") -> int:
-    """Resolve a position spec to a non-negative index into `model.tokenize(prompt)`."""
+def resolve_positions(field_name: str, position: Positions, prompt: str, model: "PatchscopeModel") -> tuple[int, ...]:
+    """Resolve a position spec, or a list of them, to token indices into `model.tokenize(prompt)`.
+
+    A list resolves element by element (a token="all" element gives all its tokens), in order.
+    """
+    if isinstance(position, list):
+        if not position:
+            raise ProbeConfigError(field_name, position, "a position or a non-empty list of positions")
+        return tuple(k for n, p in enumerate(position) for k in _resolve_one(f"{field_name}[{n}]", p, prompt, model))
+    return _resolve_one(field_name, position, prompt, model)
+
+
+def _resolve_one(field_name: str, position: Position, prompt: str, model: "PatchscopeModel") -> tuple[int, ...]:
     ids, offsets = model.tokenize_with_offsets(prompt)
     n = len(ids)
     if isinstance(position, bool):
@@ -128,7 +165,7 @@ def resolve_position(field_name: str, position: Position, prompt: str, model: "P
                 field_name, position, f"an index from {-n} to {n - 1} (the prompt has {n} tokens)",
                 f"Tokens: {_token_table(prompt, offsets)}.",
             )
-        return position % n
+        return (position % n,)
     if isinstance(position, str):
         position = Substring(position)
     if isinstance(position, (Substring, Placeholder)):
@@ -154,38 +191,56 @@ def resolve_position(field_name: str, position: Position, prompt: str, model: "P
                 f"{field_name}.occurrence", position.occurrence,
                 f"an index into the {len(matches)} occurrence(s) of placeholder {position.text!r}",
             )
-        return matches[position.occurrence]
-    if isinstance(position, tuple) and len(position) == 2 and all(isinstance(v, int) for v in position):
+        return (matches[position.occurrence],)
+    if isinstance(position, Span):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (position.start, position.end)):
+            raise ProbeConfigError(field_name, position, "a Span of int character offsets")
+        return _resolve_span(field_name, prompt, offsets, (position.start, position.end), position.token, position)
+    if isinstance(position, tuple) and len(position) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in position):
         return _resolve_span(field_name, prompt, offsets, position, "last", position)
     raise ProbeConfigError(
-        field_name, position, "an int, a substring, a Substring(...), a Placeholder(...) or a (start, end) span"
+        field_name, position,
+        "an int, a substring, a Substring(...), a Placeholder(...), a (start, end) span, a Span(...) or a list of these",
     )
 
 
 @dataclass(frozen=True)
 class Probe:
-    """One Patchscopes probe, as the user wrote it (before resolution against a model)."""
+    """One Patchscopes probe, as the user wrote it (before resolution against a model).
+
+    `site` is the activation read at (S, i, l) and written at (T, i*, l*): see `sites.SITES`.
+    `units` limits the write to those indices of the site's first axis (residual dimensions, MLP
+    neurons or heads); None writes all. `target_position` may be a list: the source vector goes
+    to each of them (SelfIE); a `source_position` list of the same length patches pairwise.
+    """
 
     source: str
     target: str
     layer: int
     target_layer: int | None = None
-    source_position: Position = -1
-    target_position: Position = -1
+    source_position: Positions = -1
+    target_position: Positions = -1
     mapping: Mapping | None = None
     strength: float = 1.0
     max_new_tokens: int = 20
     stop: tuple[str, ...] = ()
     preset: str | None = None
+    site: str = "resid_post"
+    units: tuple[int, ...] | None = None
+    source_model: Any = None
+    """None (S runs on the target's model), a loaded PatchscopeModel or Patchscope, or a model spec
+    (a checkpoint path, GGUF file or hub id) loaded once per process: the paper's M != M*."""
 
     def identity(self) -> dict[str, Any]:
         """JSON-able identity of the probe without its layers (for baselines and reports).
 
         Everything that changes what the probe computes is in it, so two different probes never
         share a baseline key. A mapping without a stable identity (see `mapping_identity`) is
-        `None` here, with its display name under "unstable_mapping"; `record` refuses it.
+        `None` here, with its display name under "unstable_mapping"; `record` refuses it. The
+        site and units appear only when they are not the defaults, so that a residual-stream
+        probe keeps the key it always had.
         """
-        identity = {
+        identity: dict[str, Any] = {
             "source": self.source,
             "source_position": describe_position(self.source_position),
             "target": self.target,
@@ -196,6 +251,12 @@ class Probe:
             "stop": list(self.stop),
             "preset": self.preset,
         }
+        if self.site != "resid_post":
+            identity["site"] = self.site
+        if self.units is not None:
+            identity["units"] = list(self.units)
+        if self.source_model is not None:
+            identity["source_model"] = describe_source_model(self.source_model)
         if identity["mapping"] is None:
             identity["unstable_mapping"] = mapping_name(self.mapping)
         return identity
@@ -204,6 +265,12 @@ class Probe:
         """(S, i, l) -> (T, i*, l*) on one line, for failure messages."""
         target = self.preset or repr(self.target)
         extra = ""
+        if self.site != "resid_post":
+            extra += f", site={self.site}"
+        if self.units is not None:
+            extra += f", units={describe_units(self.units)}"
+        if self.source_model is not None:
+            extra += f", M={describe_source_model(self.source_model)}"
         if self.mapping is not None:
             extra += f", f={mapping_name(self.mapping)}"
         if self.strength != 1.0:
@@ -213,6 +280,12 @@ class Probe:
             f"(T={target}, i*={describe_position(self.target_position)}, "
             f"l*={self.layer if self.target_layer is None else self.target_layer}{extra})"
         )
+
+
+def describe_units(units: Sequence[int]) -> str:
+    """Units for messages: [3] or [0, 1, 2, ... 63 units]."""
+    shown = list(units[:8])
+    return "[" + ", ".join(map(str, shown)) + (f", ... {len(units)} units" if len(units) > 8 else "") + "]"
 
 
 def mapping_name(mapping: Any) -> str:
@@ -279,16 +352,33 @@ def mapping_identity(mapping: Any) -> str | None:
 
 @dataclass(frozen=True)
 class ResolvedProbe:
-    """A probe checked against a model: token ids and absolute positions, validated layers."""
+    """A probe checked against a model: token ids and absolute positions, validated layers and site.
+
+    `source_indices` has one entry per target index, or one entry shared by all of them.
+    """
 
     probe: Probe
     source_ids: tuple[int, ...]
     target_ids: tuple[int, ...]
-    source_index: int
-    target_index: int
+    source_indices: tuple[int, ...]
+    target_indices: tuple[int, ...]
     layer: int
     target_layer: int
+    location: SiteLocation
+    units: tuple[int, ...] | None = None
+    source_model: "PatchscopeModel | None" = None
+    """The model S runs on when it is not the target's (None: the target's own)."""
     extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def source_index(self) -> int:
+        """The (first) source token index."""
+        return self.source_indices[0]
+
+    @property
+    def target_index(self) -> int:
+        """The first target token index: the target's tokens before it are a prefix shared with other rows."""
+        return min(self.target_indices)
 
 
 def _check_layer(field_name: str, layer: Any, n_layers: int) -> int:
@@ -351,9 +441,11 @@ def resolve_probe(probe: Probe, model: "PatchscopeModel", *, max_new_tokens_limi
     """
     if not isinstance(probe, Probe):
         raise ProbeConfigError("probes", probe, "Probe objects (see Patchscope.probe)")
-    source_ids = _check_prompt("source", probe.source, model)
+    source_model = None if probe.source_model is None else resolve_source_model(probe.source_model, model.device)
+    on_source = source_model or model
+    source_ids = _check_prompt("source", probe.source, on_source)
     target_ids = _check_prompt("target", probe.target, model)
-    layer = _check_layer("layer", probe.layer, model.n_layers)
+    layer = _check_layer("layer", probe.layer, on_source.n_layers)
     target_layer = layer if probe.target_layer is None else _check_layer("target_layer", probe.target_layer, model.n_layers)
     _check_max_new_tokens(probe.max_new_tokens, target_ids, model, max_new_tokens_limit)
     strength = finite_real(probe.strength)
@@ -363,18 +455,85 @@ def resolve_probe(probe: Probe, model: "PatchscopeModel", *, max_new_tokens_limi
             f"a finite number from -{MAX_STRENGTH:g} to {MAX_STRENGTH:g} (0 = clean, 1 = full patch, in between interpolates)",
         )
     if probe.mapping is not None and not callable(probe.mapping):
-        raise ProbeConfigError("mapping", probe.mapping, "None (identity), a callable or a torch.nn.Module from d_model to d_model")
+        raise ProbeConfigError("mapping", probe.mapping, "None (identity), a callable or a torch.nn.Module from the site's shape to itself")
     if not isinstance(probe.stop, tuple) or not all(isinstance(s, str) and s for s in probe.stop):
         raise ProbeConfigError("stop", probe.stop, "a tuple of non-empty strings")
+    location = locate_site(model, probe.site)
+    if source_model is not None:
+        locate_site(source_model, probe.site)
+    units = check_units("units", probe.units, location)
+    source_indices = resolve_positions("source_position", probe.source_position, probe.source, on_source)
+    target_indices = resolve_positions("target_position", probe.target_position, probe.target, model)
+    if len(set(target_indices)) < len(target_indices):
+        raise ProbeConfigError(
+            "target_position", describe_position(probe.target_position),
+            f"distinct target tokens; it resolves to {list(target_indices)}, which writes one token twice",
+        )
+    if len(source_indices) not in (1, len(target_indices)):
+        raise ProbeConfigError(
+            "source_position", describe_position(probe.source_position),
+            f"one position, or as many as target_position resolves to ({len(target_indices)}: {list(target_indices)}); "
+            f"it resolves to {len(source_indices)}: {list(source_indices)}",
+            "Lists of positions are patched pairwise, so both must have the same length.",
+        )
     return ResolvedProbe(
         probe=probe,
         source_ids=source_ids,
         target_ids=target_ids,
-        source_index=resolve_position("source_position", probe.source_position, probe.source, model),
-        target_index=resolve_position("target_position", probe.target_position, probe.target, model),
+        source_indices=source_indices,
+        target_indices=target_indices,
         layer=layer,
         target_layer=target_layer,
+        location=location,
+        units=units,
+        source_model=source_model,
     )
+
+
+def describe_source_model(value: Any) -> str:
+    """A source model's name for identities and messages: its name and weights hash, or the spec."""
+    model = getattr(value, "model", value)  # a Patchscope holds its model
+    if hasattr(model, "weights_hash") and hasattr(model, "name"):
+        return f"{model.name}#{model.short_hash}" if model.weights_hash else str(model.name)
+    return str(value)
+
+
+def resolve_source_model(value: Any, device: str = "cpu") -> "PatchscopeModel":
+    """A probe's source_model as a loaded model: a PatchscopeModel, a Patchscope's, or a spec loaded
+    once per process on `device` (the target's)."""
+    import os
+
+    from .models import PatchscopeModel, load_cached
+
+    model = getattr(value, "model", value)
+    if isinstance(model, PatchscopeModel):
+        return model
+    if isinstance(value, (str, os.PathLike)):
+        return load_cached(value, device)
+    raise ProbeConfigError(
+        "source_model", value, "None, a PatchscopeModel, a Patchscope, or a model spec (checkpoint directory, GGUF file, hub id)"
+    )
+
+
+def check_units(field_name: str, units: Any, location: SiteLocation) -> tuple[int, ...] | None:
+    """`units` as a sorted tuple of distinct indices into the site's first axis, or None for all."""
+    if units is None:
+        return None
+    n = location.n_units
+    allowed = f"None (all) or a non-empty list of distinct ints from 0 to {n - 1} ({location.site.units_are} of site {location.site.name!r})"
+    if isinstance(units, (str, bytes)) or not isinstance(units, (list, tuple, range)):
+        hint = 'units="each" is for sweep(..., site="heads"): one probe per head.' if units == "each" else None
+        raise ProbeConfigError(field_name, units, allowed, hint)
+    values = list(units)
+    if not values:
+        raise ProbeConfigError(field_name, units, allowed, "An empty list would patch nothing; use strength=0 for a clean run.")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n:
+            raise ProbeConfigError(field_name, units, f"{allowed}; {value!r} is not")
+    if len(set(values)) < len(values):
+        duplicated = sorted({v for v in values if values.count(v) > 1})
+        raise ProbeConfigError(field_name, units, f"{allowed}; {duplicated} appear more than once")
+    return tuple(sorted(values))
 
 
 def _describe_output(out: Any) -> str:
@@ -387,8 +546,8 @@ def _describe_output(out: Any) -> str:
     return f"a tensor of {shape}, {out.dtype}, layout {out.layout}, on {out.device}"
 
 
-def apply_mapping(mapping: Mapping | None, vector: "torch.Tensor", d_model: int) -> "torch.Tensor":
-    """f(h), checked: f must return a dense, real floating-point (d_model,) tensor of finite values.
+def apply_mapping(mapping: Mapping | None, vector: "torch.Tensor", shape: tuple[int, ...]) -> "torch.Tensor":
+    """f(h), checked: f must return a dense, real floating-point tensor of the site's `shape`, finite.
 
     f gets its own copy of h, so an in-place f (``h.mul_(2)``) cannot change the source state that
     other rows of the job map too. Anything else is a ProbeConfigError naming what f returned: a
@@ -399,18 +558,24 @@ def apply_mapping(mapping: Mapping | None, vector: "torch.Tensor", d_model: int)
     import torch
 
     if mapping is None:
+        if tuple(vector.shape) != tuple(shape):
+            raise ProbeConfigError(
+                "mapping", "identity",
+                f"a map from the source's {tuple(vector.shape)} to the target's {tuple(shape)}: the two models differ in width",
+                "Pass mapping=AffineMapping.fit(source_states, target_states) (or another map of those shapes).",
+            )
         return vector
     try:
         out = mapping(vector.clone())
     except Exception as exc:
         raise ProbeConfigError(
-            "mapping", mapping_name(mapping), f"a callable that accepts a ({vector.shape[-1]},) tensor",
+            "mapping", mapping_name(mapping), f"a callable that accepts a {tuple(vector.shape)} tensor",
             f"It raised {type(exc).__name__}: {exc}",
         ) from exc
-    wanted = f"a map returning a dense real floating-point tensor of shape ({d_model},)"
+    wanted = f"a map returning a dense real floating-point tensor of shape {tuple(shape)}"
     if (
         not isinstance(out, torch.Tensor) or out.is_nested or out.layout != torch.strided or out.is_meta
-        or not out.is_floating_point() or tuple(out.shape) != (d_model,)
+        or not out.is_floating_point() or tuple(out.shape) != tuple(shape)
     ):
         raise ProbeConfigError("mapping", mapping_name(mapping), f"{wanted}; it returned {_describe_output(out)}")
     out = out.to(device=vector.device, dtype=vector.dtype)

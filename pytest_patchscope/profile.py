@@ -22,6 +22,8 @@ class LayerCell:
     """Log-probability of the expected answer's first token at the first generated step."""
     rank: int | None = None
     """Rank of that token among all tokens at the first generated step (0 = greedy choice)."""
+    unit: int | None = None
+    """The one unit (head) this cell patched, in a (layer x head) profile; None otherwise."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,15 @@ class LocalizationProfile:
         return sorted({c.target_layer for c in self.cells})
 
     @property
+    def per_unit(self) -> bool:
+        """True for a (layer x head) profile: one cell per layer and head (sweep(..., units="each"))."""
+        return any(c.unit is not None for c in self.cells)
+
+    @property
+    def units(self) -> list[int]:
+        return sorted({c.unit for c in self.cells if c.unit is not None})
+
+    @property
     def hit_cells(self) -> list[LayerCell]:
         return [c for c in self.cells if c.hit]
 
@@ -80,11 +91,11 @@ class LocalizationProfile:
         cell = self.peak_cell
         return None if cell is None else cell.layer
 
-    def cell(self, layer: int, target_layer: int | None = None) -> LayerCell:
+    def cell(self, layer: int, target_layer: int | None = None, unit: int | None = None) -> LayerCell:
         for c in self.cells:
-            if c.layer == layer and (target_layer is None or c.target_layer == target_layer):
+            if c.layer == layer and (target_layer is None or c.target_layer == target_layer) and (unit is None or c.unit == unit):
                 return c
-        raise KeyError((layer, target_layer))
+        raise KeyError((layer, target_layer, unit))
 
     def score_by_layer(self) -> dict[int, float]:
         """Best expected-token log-probability per source layer (max over target layers)."""
@@ -102,21 +113,25 @@ class LocalizationProfile:
         return (
             f"S={p.get('source')!r} i={p.get('source_position')} -> "
             f"T={target!r} i*={p.get('target_position')}"
+            + (f", site={p['site']}" if "site" in p else "")
+            + (f", units={p['units']}" if "units" in p else "")
             + (f", expect={self.expect!r}" if self.expect is not None else "")
         )
 
     def table(self, max_text: int = 40) -> str:
         """A fixed-width table for the terminal: one row per cell."""
-        header = f"{'l':>3} {'l*':>3} {'hit':>3} {'logprob':>8} {'rank':>6}  text"
+        unit = self.per_unit
+        header = f"{'l':>3} {'l*':>3} " + (f"{'head':>4} " if unit else "") + f"{'hit':>3} {'logprob':>8} {'rank':>6}  text"
         rows = [self.describe(), header]
-        for c in sorted(self.cells, key=lambda c: (c.layer, c.target_layer)):
+        for c in sorted(self.cells, key=lambda c: (c.layer, c.target_layer, -1 if c.unit is None else c.unit)):
             hit = "" if c.hit is None else ("yes" if c.hit else "-")
             lp = "" if c.logprob is None else f"{c.logprob:8.3f}"
             rank = "" if c.rank is None else str(c.rank)
             text = c.text.replace("\n", "\\n")
             if len(text) > max_text:
                 text = text[: max_text - 1] + "…"
-            rows.append(f"{c.layer:>3} {c.target_layer:>3} {hit:>3} {lp:>8} {rank:>6}  {text!s}")
+            head = f"{c.unit:>4} " if unit else ""
+            rows.append(f"{c.layer:>3} {c.target_layer:>3} {head}{hit:>3} {lp:>8} {rank:>6}  {text!s}")
         return "\n".join(rows)
 
     # ---- plain-data round trip (used by serializers and xdist) -----------------------

@@ -204,6 +204,8 @@ def write_json_report(path: str | os.PathLike[str], summary: SessionSummary) -> 
                 "nodeid": r.nodeid,
                 "status": r.status,
                 "probe": r.profile.describe(),
+                "site": r.profile.probe.get("site", "resid_post"),
+                "units": r.profile.probe.get("units"),
                 "expect": r.profile.expect,
                 "grid": r.profile.grid,
                 "reasons": c.reasons if c else [],
@@ -325,12 +327,13 @@ def _draw_sweep(axes: Any, profile: LocalizationProfile, title: str, vmin: float
 
 
 def _draw_grid(ax: Any, profile: LocalizationProfile, title: str, vmin: float, vmax: float) -> Any:
-    """Source x target log-probability image; hit cells outlined in white."""
-    layers, targets = profile.layers, profile.target_layers
+    """Source layer x target layer (or x head) log-probability image; hit cells outlined in white."""
+    layers, per_unit = profile.layers, profile.per_unit
+    targets = profile.units if per_unit else profile.target_layers
     grid = [[math.nan] * len(targets) for _ in layers]
     hits_x, hits_y = [], []
     for c in profile.cells:
-        row, col = layers.index(c.layer), targets.index(c.target_layer)
+        row, col = layers.index(c.layer), targets.index(c.unit if per_unit and c.unit is not None else c.target_layer)
         grid[row][col] = _score(c.logprob)
         if c.hit:
             hits_x.append(col)
@@ -339,7 +342,7 @@ def _draw_grid(ax: Any, profile: LocalizationProfile, title: str, vmin: float, v
     ax.scatter(hits_x, hits_y, marker="s", facecolors="none", edgecolors="white", s=30)
     ax.set_xticks(range(len(targets)), [str(target) for target in targets])
     ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
-    ax.set_xlabel("target layer l*")
+    ax.set_xlabel("head (patched alone)" if per_unit else "target layer l*")
     ax.set_ylabel("source layer l")
     ax.set_title(title)
     return image
@@ -359,7 +362,7 @@ def write_heatmaps(directory: str | os.PathLike[str], summary: SessionSummary) -
             sides.insert(0, ("baseline", baseline))
         scores = [_score(c.logprob) for _, p in sides for c in p.cells if math.isfinite(_score(c.logprob))]
         vmin, vmax = (min(scores), max(scores)) if scores else (-10.0, 0.0)
-        grid = any(p.grid for _, p in sides)
+        grid = any(p.grid or p.per_unit for _, p in sides)
         width = max(4.0, 0.35 * max(len(p.layers) for _, p in sides))
         fig = Figure(figsize=(width * len(sides), width if grid else 2.6), layout="constrained")
         FigureCanvasAgg(fig)

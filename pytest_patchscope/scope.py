@@ -14,15 +14,16 @@ from .engine import DEFAULT_BATCH_MEMORY_MB, DEFAULT_MAX_NEW_TOKENS_LIMIT, Engin
 from .errors import ProbeConfigError, warn_at_caller
 from .models import PatchscopeModel, load_model
 from .presets import Preset
-from .probe import Mapping, Position, Probe, finite_real
+from .probe import Mapping, Positions, Probe, finite_real
 from .profile import LayerCell, LocalizationProfile
+from .sites import DEFAULT_SITE, locate_site
 
 DEFAULT_MAX_NEW_TOKENS = 20
 _INNER_PLACEHOLDER = re.compile(r"(^|\s)x\s+\S")
 """A standalone x with more text after it: the paper's placeholder, which i* = -1 does not patch."""
 
 
-def _default_target_position(target: Any, target_position: Position | None) -> Position | None:
+def _default_target_position(target: Any, target_position: Positions | None) -> Positions | None:
     """target_position with a plain-string target's default (-1) made explicit.
 
     A target such as "The capital city of x is" without target_position patches its last token,
@@ -59,6 +60,11 @@ def _layer_list(field_name: str, layers: Any, n_layers: int) -> list[int]:
     if not values:
         raise ProbeConfigError(field_name, layers, "a non-empty range or list of layers")
     return values
+
+
+def _units_tuple(units: Any) -> Any:
+    """A list or range of units as the tuple a Probe holds; anything else unchanged, for resolve_probe to refuse."""
+    return tuple(units) if isinstance(units, (list, tuple, range)) else units
 
 
 class Patchscope:
@@ -134,14 +140,23 @@ class Patchscope:
         *,
         layer: int,
         target_layer: int | None = None,
-        source_position: Position = -1,
-        target_position: Position | None = None,
+        source_position: Positions = -1,
+        target_position: Positions | None = None,
         mapping: Mapping | None = None,
         strength: float = 1.0,
         max_new_tokens: int | None = None,
         stop: Sequence[str] | None = None,
+        site: str = DEFAULT_SITE,
+        units: Sequence[int] | None = None,
+        source_model: Any = None,
     ) -> Probe:
         """A Probe with presets and defaults filled in (target_position None = -1 or the preset's).
+
+        `site` is what is read and written (see `pytest_patchscope.sites.SITES`: resid_post,
+        resid_pre, attn_out, mlp_out, neurons, heads); `units` limits the write to those indices
+        of the site's first axis (checked when the probe runs). `source_model` runs S on another
+        model (a PatchscopeModel, a Patchscope or a checkpoint spec): the paper's M != M*, with a
+        `mapping` from its width to this model's (e.g. AffineMapping.fit on states of both).
 
         A PatchscopeWarning says when a plain target's placeholder-like x would go unpatched.
         """
@@ -171,6 +186,9 @@ class Patchscope:
             max_new_tokens=self.max_new_tokens if max_new_tokens is None else max_new_tokens,
             stop=tuple(stop or ()),
             preset=preset_name,
+            site=site,
+            units=_units_tuple(units),
+            source_model=source_model,
         )
 
     # ---- running -------------------------------------------------------------------------------
@@ -181,18 +199,22 @@ class Patchscope:
         *,
         layer: int,
         target_layer: int | None = None,
-        source_position: Position = -1,
-        target_position: Position | None = None,
+        source_position: Positions = -1,
+        target_position: Positions | None = None,
         mapping: Mapping | None = None,
         strength: float = 1.0,
         max_new_tokens: int | None = None,
         stop: Sequence[str] | None = None,
+        site: str = DEFAULT_SITE,
+        units: Sequence[int] | None = None,
+        source_model: Any = None,
     ) -> PatchResult:
-        """Patch h(S, i, l) into T at (i*, l*) and generate greedily; the clean continuation comes too."""
+        """Patch the site's value at (S, i, l) into T at (i*, l*) and generate greedily; the clean
+        continuation comes too."""
         probe = self.probe(
             source, target, layer=layer, target_layer=target_layer, source_position=source_position,
             target_position=_default_target_position(target, target_position), mapping=mapping, strength=strength,
-            max_new_tokens=max_new_tokens, stop=stop,
+            max_new_tokens=max_new_tokens, stop=stop, site=site, units=units, source_model=source_model,
         )
         return self.run([probe])[0]
 
@@ -225,12 +247,15 @@ class Patchscope:
         target_layers: Iterable[int] | str | None = None,
         expect: str | None = None,
         clean: bool = True,
+        units: Sequence[int] | str | None = None,
         **generate_kwargs: Any,
     ) -> LocalizationProfile:
         """One probe per source layer (target_layers None/"same": l* = l, or the preset's rule),
         or per (l, l*) pair when target_layers is a range/list; returns a LocalizationProfile.
 
-        `clean=False` skips the unpatched continuation (one row fewer; `clean_text` is then None)."""
+        `units="each"` with `site="heads"` runs one probe per head at every layer instead: a
+        (layer x head) profile, each cell writing that head alone. `clean=False` skips the
+        unpatched continuation (one row fewer; `clean_text` is then None)."""
         for forbidden in ("layer", "target_layer"):
             if forbidden in generate_kwargs:
                 raise ProbeConfigError(forbidden, generate_kwargs[forbidden], "not given to sweep()", "Use layers=/target_layers= instead.")
@@ -249,12 +274,29 @@ class Patchscope:
         else:
             pairs = [(source_layer, None) for source_layer in source_layers]
         generate_kwargs["target_position"] = _default_target_position(target, generate_kwargs.get("target_position"))
-        probes = [self.probe(source, target, layer=source_layer, target_layer=t, **generate_kwargs) for source_layer, t in pairs]
+        each: list[Any] = [units]  # a string other than "each" goes on to the probe, which refuses it
+        if units == "each":
+            site = generate_kwargs.get("site", DEFAULT_SITE)
+            if site != "heads":
+                raise ProbeConfigError(
+                    "units", units, 'None, a list of unit indices, or "each" with site="heads" (one probe per head)',
+                    f"site={site!r} has {locate_site(self.model, site).n_units} units; sweep them one at a time with your own list of probes.",
+                )
+            if grid:
+                raise ProbeConfigError("units", units, '"each" with target_layers None or "same" (a layer x head profile)')
+            each = [(head,) for head in range(locate_site(self.model, "heads").n_units)]
+        probes = [
+            self.probe(source, target, layer=source_layer, target_layer=t, units=unit, **generate_kwargs)
+            for source_layer, t in pairs
+            for unit in each
+        ]
         score_ids = self.expected_token_ids(expect) if expect is not None else ()
         results = run_probes(self.engine, probes, score_ids=[score_ids] * len(probes), progress=self.progress, clean=clean)
-        return self.profile_from_results(results, expect=expect, grid=grid)
+        return self.profile_from_results(results, expect=expect, grid=grid, per_unit=units == "each")
 
-    def profile_from_results(self, results: Sequence[PatchResult], *, expect: str | None, grid: bool) -> LocalizationProfile:
+    def profile_from_results(
+        self, results: Sequence[PatchResult], *, expect: str | None, grid: bool, per_unit: bool = False
+    ) -> LocalizationProfile:
         """Fold sweep results into a LocalizationProfile.
 
         A cell's logprob/rank are those of the best-scoring candidate first token of `expect` (see
@@ -272,10 +314,14 @@ class Patchscope:
                     hit=None if expect is None else expect.lower() in result.text.lower(),
                     logprob=None if best is None else round(best[0], 6),
                     rank=None if best is None else best[1],
+                    unit=result.probe.units[0] if per_unit and result.probe.units else None,
                 )
             )
+        identity = results[0].probe.identity()
+        if per_unit:
+            identity["units"] = "each"
         return LocalizationProfile(
-            probe=results[0].probe.identity(),
+            probe=identity,
             cells=tuple(cells),
             expect=expect,
             clean_text=results[0].clean_text,

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .backend import layer_signature, module_device
 from .errors import EngineError, ProbeConfigError
+from .sites import SiteLocation
 
 if TYPE_CHECKING:
     import torch
@@ -69,14 +70,15 @@ class StreamPlan:
     """Which rows share a stream at each stage: stage j is the input of layer j, stage L the final norm.
 
     `groups[r]` names what row r has seen so far (its target and generated tokens); rows of one group
-    share a stream at stage j unless r's patch lies below j (`patch_layers[r] < j`).
+    share a stream at stage j unless r's patch reaches stage j (`branch_stages[r] <= j`: a patch after
+    block l reaches stage l + 1, one inside block l reaches stage l).
     """
 
-    def __init__(self, rows: Sequence[int], groups: Sequence[int], patch_layers: Sequence[int | None], n_layers: int) -> None:
+    def __init__(self, rows: Sequence[int], groups: Sequence[int], branch_stages: Sequence[int | None], n_layers: int) -> None:
         self.rows = list(rows)
         self.stream_of: list[dict[int, int]] = []
         self.reps: list[list[int]] = []  # a representative row of every stream
-        branch_at = {layer + 1 for layer in [patch_layers[r] for r in self.rows] if layer is not None}
+        branch_at = {stage for stage in [branch_stages[r] for r in self.rows] if stage is not None}
         for stage in range(n_layers + 1):
             if stage and stage not in branch_at:
                 self.stream_of.append(self.stream_of[-1])
@@ -86,8 +88,8 @@ class StreamPlan:
             of: dict[int, int] = {}
             reps: list[int] = []
             for r in self.rows:
-                branched = patch_layers[r] is not None and patch_layers[r] < stage  # type: ignore[operator]
-                key = -1 - r if branched else groups[r]
+                branch = branch_stages[r]
+                key = -1 - r if branch is not None and branch <= stage else groups[r]
                 if key not in streams:
                     streams[key] = len(reps)
                     reps.append(r)
@@ -122,17 +124,26 @@ class StreamPlan:
 
 @dataclass(frozen=True)
 class Patch:
-    """h <- (1 - strength) * h + strength * vector(), at the first span token of `row`, after layer `layer`.
+    """v <- (1 - strength) * v + strength * vector(), at a site of block `layer`, at span tokens `offsets` of `row`.
 
-    `vector` is called when the patch is written: the source state it maps may be captured in the
-    same pass, at this layer or below. `mapping` names f for messages.
+    `vector` is called when the patch is written, giving one (width,) row per offset: the source
+    state it maps may be captured in the same pass, at this layer or below. Only `units` (columns of
+    the site's flattened vector, see `SiteLocation.columns`; None = all) are written. `mapping` names
+    f for messages.
     """
 
     row: int
     layer: int
+    location: SiteLocation
+    offsets: tuple[int, ...]
     vector: Callable[[], Any]
     strength: float
+    units: tuple[int, ...] | None = None
     mapping: str = "identity"
+
+
+Capture = tuple[Any, int, int]
+"""(state key, segment, token index): a source value to keep from the opening pass."""
 
 
 @dataclass(frozen=True)
@@ -343,20 +354,53 @@ def _gather_tokens(value: Any, origin: "torch.Tensor", batch: int, width: int) -
     return value
 
 
+def _write_patches(flat: "torch.Tensor", layout: PackedLayout, stage: int, placed: Sequence[Patch]) -> None:
+    """Write `placed` into `flat` (one row per token of `stage`, in place); refuse non-finite results."""
+    import torch
+
+    tokens = [layout.span_token(stage, p.row, offset) for p in placed for offset in p.offsets]
+    if len(set(tokens)) < len(tokens):
+        raise EngineError(f"patches of rows {[p.row for p in placed]} at {placed[0].location.site.hook_name(placed[0].layer)} share a token")
+    at = torch.tensor(tokens, device=flat.device)
+    vectors = torch.cat([p.vector().to(flat.device) for p in placed]).to(dtype=flat.dtype)
+    strength = torch.tensor([p.strength for p in placed for _ in p.offsets], device=flat.device, dtype=flat.dtype)[:, None]
+    clean = flat[at]
+    patched = clean + strength * (vectors - clean)
+    owner = [p for p in placed for _ in p.offsets]
+    if any(p.units is not None for p in placed):
+        write = torch.zeros(len(tokens), flat.shape[-1], dtype=torch.bool)
+        for k, p in enumerate(owner):
+            write[k, slice(None) if p.units is None else list(p.units)] = True
+        patched = torch.where(write.to(flat.device), patched, clean)
+    finite = torch.isfinite(patched).all(dim=-1).tolist()
+    if not all(finite):
+        bad = owner[finite.index(False)]
+        field, value = ("strength", bad.strength) if abs(bad.strength) > 1 else ("mapping", bad.mapping)
+        raise ProbeConfigError(
+            field, value,
+            f"a strength and mapping whose patch is finite in {flat.dtype}; with strength={bad.strength:g} "
+            f"and mapping {bad.mapping}, the patch at {bad.location.site.hook_name(bad.layer)} overflows",
+            "Use a smaller strength or a mapping with smaller outputs.",
+        )
+    flat[at] = patched
+
+
 def forward_opening(
     model: "PatchscopeModel",
     layout: PackedLayout,
-    captures: dict[int, list[tuple[Any, int, int]]],
+    captures: dict[tuple[int, str], list[Capture]],
     states: dict[Any, dict[int, Any]],
     patches: Sequence[Patch] = (),
+    locations: Sequence[SiteLocation] = (),
 ) -> tuple["torch.Tensor | None", list[LayerKV], dict[int, int]]:
     """The opening pass: every segment and every stream's span, packed, in one pass of the plain twin.
 
-    Fills `states[key][layer]` for `captures` ({layer: [(key, segment, token index)]}) and writes the
-    patches; returns the last-span-token logits per final stream (None without streams), each
-    layer's keys/values over its stage's tokens, and how many patches were written per row (for
-    the engine to check that none was lost). Patched values that are not finite (a huge strength
-    times f(h), beyond the model's dtype) are a ProbeConfigError.
+    Fills `states[key][layer]` for `captures` ({(layer, site name): [(key, segment, token index)]})
+    and writes the patches; `locations` are the sites they use. Returns the last-span-token logits
+    per final stream (None without streams), each layer's keys/values over its stage's tokens, and
+    how many patches were written per row (for the engine to check that none was lost). Patched
+    values that are not finite (a huge strength times f(h), beyond the model's dtype) are a
+    ProbeConfigError.
     """
     import torch
 
@@ -364,15 +408,43 @@ def forward_opening(
     dtype = next(model.hf.parameters()).dtype
     plan = layout.plan
     batch, first = layout.n_packed, layout.stages[0]
-    by_layer: dict[int, list[Patch]] = {}
+    by_site: dict[tuple[int, str], list[Patch]] = {}
     for patch in patches:
-        by_layer.setdefault(patch.layer, []).append(patch)
+        by_site.setdefault((patch.layer, patch.location.site.name), []).append(patch)
     stores = [LayerKV(None, None) for _ in model.plain_layers]
     architecture = model.architecture
     layer_devices = [module_device(layer) for layer in model.plain_layers]
     written: dict[int, int] = {}
     final = len(layout.stages) - 1
     last = torch.tensor([layout.span_token(final, rep, len(layout.row_spans[rep].ids) - 1) for rep in plan.reps[-1]], device=device, dtype=torch.long)
+
+    def visit(value: "torch.Tensor", layer_index: int, location: SiteLocation, capture_stage: int, patch_stage: int,
+              parent: "torch.Tensor | None" = None) -> "torch.Tensor":
+        """Capture the site's source values, re-lay them out to the next stage (`parent`: which token
+        each copies), write the site's patches; returns the value to pass on in the value's shape.
+
+        The value is viewed as one (width,) row per token of the stage; a module input is copied
+        before it is written (the caller may hold it), an output is written in place."""
+        key = (layer_index, location.site.name)
+        flat = value.reshape(-1, value.shape[-1])
+        for state_key, segment, index in captures.get(key, ()):
+            token = layout.segment_token(capture_stage, segment, index)
+            states.setdefault(state_key, {})[layer_index] = flat[token].clone().view(location.shape)
+        shape = tuple(value.shape)
+        if parent is not None:
+            flat = flat.index_select(0, parent.flatten())
+            shape = (*parent.shape, value.shape[-1])
+        placed = by_site.get(key)
+        if placed:
+            if location.side == "input":
+                flat = flat.clone()
+            _write_patches(flat, layout, patch_stage, placed)
+            for p in placed:
+                written[p.row] = written.get(p.row, 0) + 1
+        return flat.view(shape)
+
+    resid_post = next((loc for loc in locations if loc.site.name == "resid_post"), None)
+    resid_pre = next((loc for loc in locations if loc.site.name == "resid_pre"), None)
 
     def enter(layer_index: int, module: Any, args: tuple, kwargs: dict) -> tuple:
         kwargs = _layer_kwargs(module, args, kwargs, stores[layer_index])
@@ -387,40 +459,21 @@ def forward_opening(
             kwargs["alibi"] = architecture.layer_bias(layout.tensor(layer_index, "pos", layer_devices[layer_index]), dtype)
             if architecture.alibi_in_mask:
                 kwargs["attention_mask"] = architecture.fold(kwargs["attention_mask"], kwargs["alibi"])
-        return args[:1], kwargs
+        hidden = args[0]
+        if resid_pre is not None:
+            hidden = visit(hidden, layer_index, resid_pre, layer_index, layer_index)
+        return (hidden,), kwargs
 
     def leave(layer_index: int, module: Any, args: tuple, output: Any) -> Any:
         hidden = output[0] if isinstance(output, tuple) else output
-        for key, segment, index in captures.get(layer_index, ()):
-            states.setdefault(key, {})[layer_index] = hidden.flatten(0, 1)[layout.segment_token(layer_index, segment, index)].clone()
         stage = layer_index + 1
+        parent = None
         if layout.stages[stage] is not layout.stages[layer_index]:
             parent = layout.tensor(stage, "parent", hidden.device)
+        if resid_post is not None:
+            hidden = visit(hidden, layer_index, resid_post, layer_index, stage, parent)
+        elif parent is not None:
             hidden = hidden.flatten(0, 1).index_select(0, parent.flatten()).view(*parent.shape, hidden.shape[-1])
-        placed = by_layer.get(layer_index, [])
-        if placed:
-            flat = hidden.view(-1, hidden.shape[-1])
-            tokens = [layout.span_token(stage, p.row, 0) for p in placed]
-            if len(set(tokens)) < len(tokens):
-                raise EngineError(f"patches of rows {[p.row for p in placed]} after layer {layer_index} share a token")
-            at = torch.tensor(tokens, device=hidden.device)
-            vectors = torch.stack([p.vector().to(hidden.device) for p in placed]).to(dtype=hidden.dtype)
-            strength = torch.tensor([p.strength for p in placed], device=hidden.device, dtype=hidden.dtype)[:, None]
-            clean = flat[at]
-            patched = clean + strength * (vectors - clean)
-            finite = torch.isfinite(patched).all(dim=-1).tolist()
-            if not all(finite):
-                bad = placed[finite.index(False)]
-                field, value = ("strength", bad.strength) if abs(bad.strength) > 1 else ("mapping", bad.mapping)
-                raise ProbeConfigError(
-                    field, value,
-                    f"a strength and mapping whose patch is finite in {hidden.dtype}; with strength={bad.strength:g} "
-                    f"and mapping {bad.mapping}, the patch after layer {layer_index} overflows",
-                    "Use a smaller strength or a mapping with smaller outputs.",
-                )
-            flat[at] = patched
-            for p in placed:
-                written[p.row] = written.get(p.row, 0) + 1
         if stage == final and plan.reps[-1]:
             # Only each final stream's last token goes on to the final norm and the logits, in a shape
             # whose length is stage 0's (GPT-2 views its output as the input's shape).
@@ -429,11 +482,26 @@ def forward_opening(
             hidden = torch.cat([keep, keep[:1].expand(padding, -1)]).view(-1, first.width, keep.shape[-1])
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
+    def inside(layer_index: int, location: SiteLocation, module: Any, args: tuple, output: Any = None) -> Any:
+        if location.side == "input":
+            return (visit(args[0], layer_index, location, layer_index, layer_index), *args[1:])
+        value = output[0] if isinstance(output, tuple) else output
+        value = visit(value, layer_index, location, layer_index, layer_index)
+        return (value, *output[1:]) if isinstance(output, tuple) else value
+
     handles = []
     try:
         for j, layer in enumerate(model.plain_layers):
             handles.append(layer.register_forward_pre_hook(partial(enter, j), with_kwargs=True))
             handles.append(layer.register_forward_hook(partial(leave, j)))
+            for location in locations:
+                if location.path and any(key == (j, location.site.name) for key in [*captures, *by_site]):
+                    module = layer.get_submodule(location.path)
+                    hook = partial(inside, j, location)
+                    if location.side == "input":
+                        handles.append(module.register_forward_pre_hook(hook))
+                    else:
+                        handles.append(module.register_forward_hook(hook))
         hidden = model.plain.base_model(
             input_ids=layout.tensor(0, "ids", device),
             # An ALiBi model builds its bias from a 2-D mask; each layer gets the engine's own instead.

@@ -11,6 +11,8 @@ import torch
 from pytest_patchscope.models import PatchscopeModel, dequantized_cache_dir, from_hf, load_model, resolve_model_source
 from pytest_patchscope.scope import Patchscope
 
+import hf_reference as ref
+
 
 @pytest.fixture(scope="session")
 def default_model_dir():
@@ -106,3 +108,18 @@ def active_hooks(model: PatchscopeModel) -> list[str]:
     bridge = [name for name, hp in model.bridge.hook_dict.items() if hp.fwd_hooks or hp.bwd_hooks]
     twin = [f"plain.{name}" for name, m in model.plain.named_modules() if m._forward_hooks or m._forward_pre_hooks]
     return bridge + twin
+
+
+def expected(reference, result, eos: int = 2) -> tuple[list[int], list[int]]:
+    """The reference's (patched, clean) greedy tokens for one engine result's resolved probe: any
+    site, units, strength and list of positions (one source value per target token, or one for all)."""
+    rp = result.resolved
+    site = rp.location.site.name
+    vectors = [ref.source_state(reference, list(rp.source_ids), index, rp.layer, site) for index in rp.source_indices]
+    args = (list(rp.target_ids), list(rp.target_indices), rp.target_layer)
+    patched = ref.patched_generate(
+        reference, *args, vectors if len(vectors) > 1 else vectors[0], rp.probe.max_new_tokens,
+        strength=rp.probe.strength, eos=eos, site=site, units=rp.units,
+    )
+    clean = ref.patched_generate(reference, *args, None, rp.probe.max_new_tokens, eos=eos)
+    return patched, clean

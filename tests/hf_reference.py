@@ -1,8 +1,10 @@
 """An independent Patchscopes implementation in plain HF forward hooks, for correctness tests.
 
 It shares no code with pytest_patchscope: a fresh (unbridged) HF model, `register_forward_hook`
-on the decoder layers, the whole target prompt in one pass and `model.generate` for decoding,
-patching only the prompt pass (sequence length > 1), as in the paper's official code.
+on the decoder layers (or on the submodules named in SUBMODULES, written out here per family
+rather than read from TransformerLens as the engine does), the whole target prompt in one pass
+and `model.generate` for decoding, patching only the prompt pass (more than one token), as in the
+paper's official code.
 """
 from __future__ import annotations
 
@@ -21,14 +23,84 @@ def _hidden(output):
     return output[0] if isinstance(output, tuple) else output
 
 
-def source_state(model, source_ids, source_index, layer):
-    """The output of decoder layer `layer` (pre final norm) at `source_index`."""
+def _llama_like(attn="self_attn", mlp="mlp", down="mlp.down_proj", o="self_attn.o_proj"):
+    sites = {"attn_out": (attn, "output"), "mlp_out": (mlp, "output"), "heads": (o, "input")}
+    if down is not None:
+        sites["neurons"] = (down, "input")
+    return sites
+
+
+_POST_NORMED = _llama_like(attn="post_attention_layernorm", mlp="post_feedforward_layernorm")
+_MOE = _llama_like(down=None)
+SUBMODULES = {
+    **{t: _llama_like() for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo", "stablelm", "cohere", "cohere2", "granite", "phi3")},
+    **{t: _MOE for t in ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v3")},
+    **{t: _POST_NORMED for t in ("gemma2", "gemma3_text", "olmo2", "olmo3")},
+    "phi": _llama_like(down="mlp.fc2", o="self_attn.dense"),
+    "gpt2": _llama_like(attn="attn", down="mlp.c_proj", o="attn.c_proj"),
+    "gpt_bigcode": _llama_like(attn="attn", down="mlp.c_proj", o="attn.c_proj"),
+    "opt": _llama_like(mlp="fc2", down="fc2", o="self_attn.out_proj"),
+    "xglm": _llama_like(mlp="fc2", down="fc2", o="self_attn.out_proj"),
+    "starcoder2": _llama_like(down="mlp.c_proj"),
+    "gpt_neox": _llama_like(attn="attention", down="mlp.dense_4h_to_h", o="attention.dense"),
+    "gptj": _llama_like(attn="attn", down="mlp.fc_out", o="attn.out_proj"),
+    "codegen": _llama_like(attn="attn", down="mlp.fc_out", o="attn.out_proj"),
+    "gpt_neo": _llama_like(attn="attn", down="mlp.c_proj", o="attn.attention.out_proj"),
+    "falcon": _llama_like(attn="self_attention", down="mlp.dense_4h_to_h", o="self_attention.dense"),
+    # BLOOM's attention and MLP modules add the residual themselves: their projections' outputs are the sublayers'.
+    "bloom": _llama_like(attn="self_attention.dense", mlp="mlp.dense_4h_to_h", down="mlp.dense_4h_to_h", o="self_attention.dense"),
+}
+"""model_type -> {site: (submodule of the decoder layer, whether the site is its input or output)}."""
+
+
+def _n_heads(model):
+    config = model.config
+    return getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or config.num_heads
+
+
+def _hook(model, layer, site, edit):
+    """Register `edit(value) -> value` on the site of decoder layer `layer`; value is (tokens, width)."""
+    block = decoder_layers(model)[layer]
+    if site in ("resid_post", "resid_pre"):
+        module, side = block, "output" if site == "resid_post" else "input"
+    else:
+        path, side = SUBMODULES[model.config.model_type][site]
+        module = block.get_submodule(path)
+
+    def apply(value):
+        flat = value.reshape(-1, value.shape[-1])
+        return edit(flat).reshape(value.shape)
+
+    if side == "output":
+        def after(module, args, output):
+            if isinstance(output, tuple):
+                return (apply(output[0]), *output[1:])
+            return apply(output)
+
+        return module.register_forward_hook(after)
+
+    def before(module, args, kwargs):
+        if args:
+            return (apply(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": apply(kwargs["hidden_states"])}
+
+    return module.register_forward_pre_hook(before, with_kwargs=True)
+
+
+def _shape(model, site, width):
+    return (_n_heads(model), width // _n_heads(model)) if site == "heads" else (width,)
+
+
+def source_state(model, source_ids, source_index, layer, site="resid_post"):
+    """The site's value in decoder layer `layer` at `source_index` (resid_post: the layer's output,
+    pre final norm); heads come as (n_heads, d_head)."""
     store = {}
 
-    def hook(module, args, output):
-        store["h"] = _hidden(output)[0, source_index].detach().clone()
+    def keep(flat):
+        store["h"] = flat[source_index].detach().clone().view(_shape(model, site, flat.shape[-1]))
+        return flat
 
-    handle = decoder_layers(model)[layer].register_forward_hook(hook)
+    handle = _hook(model, layer, site, keep)
     try:
         with torch.no_grad():
             model(torch.tensor([source_ids]))
@@ -37,19 +109,33 @@ def source_state(model, source_ids, source_index, layer):
     return store["h"]
 
 
-def patched_generate(model, target_ids, target_index, target_layer, vector, max_new_tokens, strength=1.0, eos=None):
-    """Greedy continuation (new token ids) of `target_ids` with the prompt pass patched."""
+def patched_generate(
+    model, target_ids, target_index, target_layer, vector, max_new_tokens, strength=1.0, eos=None, site="resid_post", units=None
+):
+    """Greedy continuation (new token ids) of `target_ids` with the prompt pass patched.
 
-    def hook(module, args, output):
-        hidden = _hidden(output)
-        if hidden.shape[1] > 1:
-            clean = hidden[:, target_index].clone()
-            hidden[:, target_index] = clean + strength * (vector - clean)
-        return output
+    `target_index` may be a list, with `vector` one tensor for all of them or a list of one per index;
+    `units` are indices of the site's first axis (heads for "heads"); only they are written.
+    """
+    indices = list(target_index) if isinstance(target_index, (list, tuple)) else [target_index]
+    vectors = list(vector) if isinstance(vector, (list, tuple)) else [vector] * len(indices)
+
+    def write(flat):
+        if flat.shape[0] > 1:  # the prompt pass (decoding steps see one token)
+            shape = _shape(model, site, flat.shape[-1])
+            for index, value in zip(indices, vectors):
+                clean = flat[index].clone().view(shape)
+                patched = clean + strength * (value.view(shape) - clean)
+                if units is not None:
+                    kept = clean.clone()
+                    kept[list(units)] = patched[list(units)]
+                    patched = kept
+                flat[index] = patched.reshape(-1)
+        return flat
 
     handle = None
     if vector is not None:
-        handle = decoder_layers(model)[target_layer].register_forward_hook(hook)
+        handle = _hook(model, target_layer, site, write)
     try:
         with torch.no_grad():
             ids = torch.tensor([target_ids])

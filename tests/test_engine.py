@@ -149,16 +149,16 @@ def test_a_patch_that_is_not_written_exactly_once_is_an_internal_error(tiny_llam
     import pytest_patchscope.engine as engine_module
     from pytest_patchscope.streams import forward_opening
 
-    def faulty(model, layout, captures, states, patches):
+    def faulty(model, layout, captures, states, patches, locations):
         patches = list(patches)
         patches = patches[1:] if fault == "dropped" else patches + [dataclasses.replace(patches[0], layer=2)]
-        return forward_opening(model, layout, captures, states, patches)
+        return forward_opening(model, layout, captures, states, patches, locations)
 
     scope = Patchscope(tiny_llama)
     before = scope.generate("Tokyo", "Short x", layer=1, max_new_tokens=3)
     monkeypatch.setattr(engine_module, "forward_opening", faulty)
     times = 0 if fault == "dropped" else 2
-    with pytest.raises(EngineError, match=rf"internal error: the patch of row 0 \(after layer 1\) was written {times} times.*report"):
+    with pytest.raises(EngineError, match=rf"internal error: the patch of row 0 \(at blocks\.1\.hook_resid_post\) was written {times} times.*report"):
         scope.generate("Tokyo", "Short x", layer=1, max_new_tokens=3)
     monkeypatch.undo()
     assert active_hooks(tiny_llama) == []
@@ -177,7 +177,7 @@ def test_row_memory_counts_the_model_dtype_and_the_opening_masks(tiny_llama):
         model = SimpleNamespace(hf=hf, n_layers=tiny_llama.n_layers, d_model=tiny_llama.d_model, architecture=Architecture(windows))
         return Engine(model)
 
-    short = _Row(target_ids=tuple(range(8)), split=7, source=((5, 6, 7), 2), max_new_tokens=4)
+    short = _Row(target_ids=tuple(range(8)), split=7, sources=(((5, 6, 7), 2, "resid_post"),), max_new_tokens=4)
     logits = 4 * 3 * tiny_llama.hf.config.vocab_size
     full, half = engine(torch.float32)._row_bytes(short), engine(torch.bfloat16)._row_bytes(short)
     assert full - logits == 2 * (half - logits) > 0
@@ -205,7 +205,11 @@ def test_affine_mapping_round_trips_through_a_file(tmp_path, tiny_llama):
 
 
 def test_positions_resolve_to_tokenizer_indices(tiny_llama):
-    from pytest_patchscope.probe import resolve_position
+    from pytest_patchscope.probe import resolve_positions
+
+    def resolve_position(field, position, prompt, model):
+        (index,) = resolve_positions(field, position, prompt, model)
+        return index
 
     prompt = "The capital of France is in France"
     ids, offsets = tiny_llama.tokenize_with_offsets(prompt)

@@ -19,7 +19,7 @@ from pytest_patchscope.models import from_hf
 from pytest_patchscope.scope import Patchscope
 
 import hf_reference as ref
-from conftest import active_hooks
+from conftest import active_hooks, expected
 from families import REFUSED, SUPPORTED, WINDOW
 
 LONG = "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat by the door"
@@ -34,16 +34,6 @@ def family(request, tokenizer):
     scope = Patchscope(from_hf(hf, tokenizer, name=f"tiny-{request.param.name}"))
     scope.model.bridge_hooks_at_load = active_hooks(scope.model)  # some adapters (OPT) keep hooks of their own
     return scope, reference
-
-
-def expected(reference, result) -> tuple[list[int], list[int]]:
-    """The reference's (patched, clean) greedy tokens for one engine result's resolved probe."""
-    rp = result.resolved
-    vector = ref.source_state(reference, list(rp.source_ids), rp.source_index, rp.layer)
-    args = (list(rp.target_ids), rp.target_index, rp.target_layer)
-    patched = ref.patched_generate(reference, *args, vector, rp.probe.max_new_tokens, strength=rp.probe.strength, eos=2)
-    clean = ref.patched_generate(reference, *args, None, rp.probe.max_new_tokens, eos=2)
-    return patched, clean
 
 
 def probes(n_layers: int) -> list[Probe]:
@@ -93,6 +83,36 @@ def test_an_l_by_l_star_grid(family):
     for cell in profile.cells:
         rp = scope.run([scope.probe("Tokyo", target, layer=cell.layer, target_layer=cell.target_layer, max_new_tokens=NEW_TOKENS)])[0]
         assert cell.text == scope.model.decode(expected(reference, rp)[0]), (cell.layer, cell.target_layer)
+
+
+def site_probes(site: str, n_layers: int) -> list[Probe]:
+    """l = l*, l > l* with units and strength < 1, pairwise several positions with l < l*, and an
+    amplified patch on every target token (strength 30): the MLP outputs of some tiny random models
+    (Gemma's scaled embeddings, a mixture of experts, BLOOM) are too small next to their residual
+    stream to change the text otherwise, and a check whose patch changes nothing proves little."""
+    last = n_layers - 1
+    return [
+        Probe(LONG, "Short x", layer=1, target_layer=1, site=site, max_new_tokens=NEW_TOKENS),
+        Probe("Tokyo", "Short x", layer=1, target_layer=1, site=site, target_position=[0, 1], strength=30.0, max_new_tokens=NEW_TOKENS),
+        Probe("Tokyo", LONG + " x", layer=last, target_layer=0, site=site, strength=0.5, units=(0, 1), max_new_tokens=NEW_TOKENS),
+        Probe(LONG, LONG, layer=0, target_layer=last, site=site, source_position=[3, 4], target_position=[5, 6], max_new_tokens=NEW_TOKENS),
+    ]
+
+
+def test_every_site(family):
+    """Each site the family has (attention and MLP outputs, neurons, heads, the residual before and
+    after the block), batched, against hooks on the submodules that tests/hf_reference.py names."""
+    from pytest_patchscope.sites import available_sites
+
+    scope, reference = family
+    sites = available_sites(scope.model)
+    assert set(sites) == {"resid_post", "resid_pre", *ref.SUBMODULES[reference.config.model_type]}
+    results = scope.run([probe for site in sites for probe in site_probes(site, scope.model.n_layers)])
+    for result in results:
+        assert (list(result.tokens), list(result.clean_tokens)) == expected(reference, result), result.probe.describe()
+    changed = {r.probe.site for r in results if r.tokens != r.clean_tokens}
+    assert changed == set(sites), f"no probe changed the generation at {set(sites) - changed}: the check proves little there"
+    assert active_hooks(scope.model) == scope.model.bridge_hooks_at_load
 
 
 @pytest.mark.parametrize("refused", REFUSED, ids=lambda f: f.name)

@@ -1,8 +1,9 @@
 """A Hypothesis fuzz of the public API on the tiny models: generate, sweep, run and the settings.
 
 Arguments come from wide strategies (huge and negative ints, NaN/inf/huge floats, bools, strings,
-None, tuples, odd Placeholder/Substring specs, mappings that return wrong shapes, dtypes, layouts
-or devices, or change their input in place). Allowed outcomes: a result, or a ProbeConfigError
+None, tuples, odd Placeholder/Substring specs, lists of positions, every site and odd ones, units
+out of range or repeated, mappings that return wrong shapes, dtypes, layouts or devices, or change
+their input in place). Allowed outcomes: a result, or a ProbeConfigError
 whose field is one of the arguments given (its message starts with it). After every example no
 hook is left and a fixed reference probe still gives exactly its original tokens. Deterministic
 (derandomize=True, no example database); the outcome counts are printed for the README.
@@ -23,6 +24,7 @@ from hypothesis import strategies as st
 from pytest_patchscope import ENTITY_DESCRIPTION, LOGIT_LENS, TOKEN_IDENTITY, Placeholder, Probe, Substring, attribute_extraction
 from pytest_patchscope.errors import PatchscopeWarning, ProbeConfigError
 from pytest_patchscope.scope import Patchscope
+from pytest_patchscope.sites import SITES
 
 from conftest import active_hooks
 
@@ -119,8 +121,17 @@ ARGUMENTS: dict[str, tuple[st.SearchStrategy, st.SearchStrategy]] = {
     "target_layers": (st.one_of(st.none(), st.just("same"), some_layers), bad_layers),
     "expect": (st.one_of(st.none(), st.sampled_from(["Tokyo", "paris"]), st.text(min_size=1, max_size=5)), anything),
     "clean": (st.booleans(), anything),
+    "site": (st.sampled_from(list(SITES)), st.one_of(st.sampled_from(["mlp", "attn", "RESID_POST", ""]), anything)),
+    "units": (
+        st.one_of(st.none(), st.lists(st.integers(0, 3), min_size=1, max_size=3, unique=True)),
+        st.one_of(st.lists(st.integers(-2, 200), max_size=4), st.just("each"), anything),
+    ),
 }
 ARGUMENTS["target"] = (st.one_of(ARGUMENTS["source"][0], st.sampled_from(PRESETS)), ARGUMENTS["source"][1])
+ARGUMENTS["source_position"] = (
+    st.one_of(ARGUMENTS["source_position"][0], st.lists(st.sampled_from([0, -1, 1]), min_size=1, max_size=2)),
+    ARGUMENTS["source_position"][1],
+)
 ARGUMENTS["target_position"] = ARGUMENTS["source_position"]
 SETTINGS: dict[str, tuple[st.SearchStrategy, st.SearchStrategy]] = {
     "max_new_tokens": (st.integers(1, 3), st.one_of(st.none(), bad_budgets)),
@@ -131,7 +142,7 @@ SETTINGS: dict[str, tuple[st.SearchStrategy, st.SearchStrategy]] = {
     ),
     "progress": (st.one_of(st.none(), st.just(lambda done, total: None)), anything),
 }
-PROBE = ["target_layer", "source_position", "target_position", "mapping", "strength", "max_new_tokens", "stop"]
+PROBE = ["target_layer", "source_position", "target_position", "mapping", "strength", "max_new_tokens", "stop", "site", "units"]
 OPTIONAL = {
     "generate": PROBE,
     "run": PROBE,
@@ -206,9 +217,10 @@ def test_the_public_api_fails_only_with_named_project_errors(tiny_model, capsys,
                 _call(tiny_model, setting, kind, kwargs)
                 outcome = "ok"
             except ProbeConfigError as error:
-                assert error.field.split(".")[0] in given_names, f"{error.field!r} names no argument given: {error}"
+                argument = error.field.split(".")[0].split("[")[0]  # "source_position[1].text" names source_position
+                assert argument in given_names, f"{error.field!r} names no argument given: {error}"
                 assert str(error).startswith(f"{error.field}="), str(error)
-                outcome = f"error:{error.field.split('.')[0]}"
+                outcome = f"error:{argument}"
         outcomes[outcome] += 1
         outcomes["faulty"] += fault is not None
         outcomes["warned"] += any(issubclass(w.category, PatchscopeWarning) for w in caught)

@@ -18,9 +18,9 @@ from conftest import active_hooks
 
 
 def test_a_sweep_shares_every_layer_below_each_patch():
-    """Rows patched after layers 0..3 plus a clean row, one target: layer j runs j + 1 streams."""
-    patch_layers = [0, 1, 2, 3, None]
-    plan = StreamPlan(range(5), groups=[0] * 5, patch_layers=patch_layers, n_layers=4)
+    """Rows patched after layers 0..3 (branching at stages 1..4) plus a clean row, one target:
+    layer j runs j + 1 streams."""
+    plan = StreamPlan(range(5), groups=[0] * 5, branch_stages=[1, 2, 3, 4, None], n_layers=4)
     assert [len(reps) for reps in plan.reps] == [1, 2, 3, 4, 5]
     assert plan.widen(1) == [0, 0] and plan.from_final(3) == [0, 1, 2, 3] and plan.from_final(4) is None
     # a row branches right after its patch layer, and keeps its own stream from there on
@@ -28,10 +28,17 @@ def test_a_sweep_shares_every_layer_below_each_patch():
     assert len(set(plan.final.values())) == 5
 
 
+def test_a_row_patched_inside_block_l_branches_at_block_l():
+    """attn_out at layer 1 differs from the trunk in block 1 itself; resid_post at layer 1 only after it."""
+    plan = StreamPlan(range(3), groups=[0] * 3, branch_stages=[1, 2, None], n_layers=3)
+    assert [len(reps) for reps in plan.reps] == [1, 2, 3, 3]
+    assert plan.stream_of[1][0] != plan.stream_of[1][2] and plan.stream_of[1][1] == plan.stream_of[1][2]
+
+
 def test_rows_that_generated_different_tokens_part_and_the_store_follows():
-    first = StreamPlan(range(3), groups=[0, 0, 0], patch_layers=[2, 2, None], n_layers=3)
+    first = StreamPlan(range(3), groups=[0, 0, 0], branch_stages=[3, 3, None], n_layers=3)
     # rows 0 and 2 generated one token, row 1 another: row 1 leaves the trunk at every layer
-    second = StreamPlan(range(3), groups=[1, 2, 1], patch_layers=[2, 2, None], n_layers=3)
+    second = StreamPlan(range(3), groups=[1, 2, 1], branch_stages=[3, 3, None], n_layers=3)
     assert [len(reps) for reps in second.reps] == [2, 2, 2, 3]
     parent = second.from_previous(first, 0)
     assert parent == [0, 0]  # both new streams continue the one old trunk's history
@@ -42,7 +49,7 @@ def test_rows_that_generated_different_tokens_part_and_the_store_follows():
 
 
 def test_finished_rows_leave_their_streams():
-    plan = StreamPlan([0, 2], groups=[5, 9, 5], patch_layers=[None, None, 0], n_layers=2)
+    plan = StreamPlan([0, 2], groups=[5, 9, 5], branch_stages=[None, None, 1], n_layers=2)
     assert plan.rows == [0, 2] and [len(reps) for reps in plan.reps] == [1, 2, 2]
 
 
@@ -117,6 +124,6 @@ def test_two_patches_on_one_token_are_an_internal_error(tiny_llama, monkeypatch)
     """If the layout ever put two rows' patches on one token, one would silently overwrite the other."""
     scope = Patchscope(tiny_llama)
     monkeypatch.setattr(PackedLayout, "span_token", lambda self, stage, row, index: 0)
-    with pytest.raises(EngineError, match=r"internal error: patches of rows \[\d+, \d+\] after layer 1 share a token"):
+    with pytest.raises(EngineError, match=r"internal error: patches of rows \[\d+, \d+\] at blocks\.1\.hook_resid_post share a token"):
         scope.run([Probe("Tokyo", "Short x", layer=1), Probe("Paris", "Short x", layer=1)])
     assert active_hooks(tiny_llama) == []

@@ -87,12 +87,13 @@ def serialize_entry(entry: Entry) -> dict[str, Any]:
             {
                 "layer": c.layer,
                 "target_layer": c.target_layer,
+                **({} if c.unit is None else {"unit": c.unit}),
                 "text": c.text,
                 "hit": c.hit,
                 "logprob": round_logprob(c.logprob),
                 "rank": c.rank,
             }
-            for c in sorted(profile.cells, key=lambda c: (c.layer, c.target_layer))
+            for c in sorted(profile.cells, key=lambda c: (c.layer, c.target_layer, -1 if c.unit is None else c.unit))
         ],
     }
 
@@ -124,7 +125,9 @@ def deserialize_cell(where: str, cell: Any) -> LayerCell:
                                and math.isfinite(logprob)),
            "a finite number (a log-probability) or null")
     _check(where, "rank", rank, rank is None or (_is_int(rank) and rank >= 0), "an integer >= 0 or null")
-    return LayerCell(layer, target, text, hit, None if logprob is None else float(logprob), rank)
+    unit = cell.get("unit")
+    _check(where, "unit", unit, unit is None or (_is_int(unit) and unit >= 0), "an integer >= 0 (a head) or absent")
+    return LayerCell(layer, target, text, hit, None if logprob is None else float(logprob), rank, unit)
 
 
 def deserialize_entry(where: str, data: Any, header: BaselineFile) -> Entry:

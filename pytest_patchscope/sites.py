@@ -1,0 +1,172 @@
+"""Patch sites: which activation of a decoder layer a probe reads from S and writes into T.
+
+A site is data over the one engine, as a hook name is in TransformerLens' `patching.py`: a place
+in the decoder layer (the layer's input or output, or the input or output of one of its
+submodules) and the shape of the vector found there. Where the submodules are comes from the
+TransformerBridge adapter's component mapping, so every family the bridge maps gets every site it
+has, under the TransformerLens name its users know.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from .errors import ProbeConfigError
+
+if TYPE_CHECKING:
+    from .models import PatchscopeModel
+
+
+@dataclass(frozen=True)
+class Site:
+    """One kind of activation: its name, its TransformerLens hook name and what its units are."""
+
+    name: str
+    hook_template: str
+    units_are: str
+    inside_block: bool
+    """True when the value is computed inside block l, so a row patched there differs from block l on."""
+
+    def hook_name(self, layer: int) -> str:
+        return self.hook_template.format(layer=layer)
+
+
+SITES: dict[str, Site] = {
+    site.name: site
+    for site in (
+        Site("resid_post", "blocks.{layer}.hook_resid_post", "residual dimensions", inside_block=False),
+        Site("resid_pre", "blocks.{layer}.hook_resid_pre", "residual dimensions", inside_block=True),
+        Site("attn_out", "blocks.{layer}.hook_attn_out", "residual dimensions", inside_block=True),
+        Site("mlp_out", "blocks.{layer}.hook_mlp_out", "residual dimensions", inside_block=True),
+        Site("neurons", "blocks.{layer}.mlp.hook_post", "MLP neurons", inside_block=True),
+        Site("heads", "blocks.{layer}.attn.hook_z", "attention heads", inside_block=True),
+    )
+}
+DEFAULT_SITE = "resid_post"
+
+
+@dataclass(frozen=True)
+class SiteLocation:
+    """A site found in one model: where to hook it in each decoder layer, and its vector's shape.
+
+    `path` is a submodule of the decoder layer ("" for the layer itself); `side` is whether the
+    value is that module's input or its output. `shape` is what a mapping gets and returns:
+    (d_model,), (d_mlp,) or (n_heads, d_head). Units index its first axis.
+    """
+
+    site: Site
+    path: str
+    side: Literal["input", "output"]
+    shape: tuple[int, ...]
+
+    @property
+    def width(self) -> int:
+        """The number of values at one token (the hooked tensor's last dimension)."""
+        width = 1
+        for size in self.shape:
+            width *= size
+        return width
+
+    @property
+    def n_units(self) -> int:
+        return self.shape[0]
+
+    def columns(self, units: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        """The flattened vector's columns that `units` cover (a head covers its d_head values)."""
+        if units is None:
+            return None
+        step = self.width // self.n_units
+        return tuple(column for unit in units for column in range(unit * step, (unit + 1) * step))
+
+    def branch_stage(self, layer: int) -> int:
+        """The first stage (layer input) at which a row patched here at `layer` differs from its trunk."""
+        return layer if self.site.inside_block else layer + 1
+
+
+def _input_width(module: Any) -> int:
+    """A projection's input width: nn.Linear's in_features, or a GPT-2 style Conv1D's weight rows."""
+    width = getattr(module, "in_features", None)
+    if isinstance(width, int):
+        return width
+    return int(module.weight.shape[0])
+
+
+def _component(mapping: Any, key: str) -> Any:
+    return (getattr(mapping, "submodules", None) or {}).get(key)
+
+
+def _join(*names: Any) -> str:
+    return ".".join(str(n) for n in names if n)
+
+
+def site_names() -> str:
+    return ", ".join(repr(name) for name in SITES)
+
+
+def check_site_name(field_name: str, site: Any) -> Site:
+    """The Site called `site`, or a ProbeConfigError listing the sites."""
+    if not isinstance(site, str) or site not in SITES:
+        raise ProbeConfigError(
+            field_name, site, f"one of {site_names()}",
+            "resid_post is the residual stream after block l (the default), the others are inside block l.",
+        )
+    return SITES[site]
+
+
+def locate_site(model: "PatchscopeModel", site: Any) -> SiteLocation:
+    """Where `site` is in `model`'s decoder layers; a ProbeConfigError when the model lacks it."""
+    kind = check_site_name("site", site)
+    cache: dict[str, SiteLocation] = model.__dict__.setdefault("_site_locations", {})
+    if kind.name in cache:
+        return cache[kind.name]
+    d_model = model.d_model
+    location: SiteLocation | None
+    if kind.name in ("resid_post", "resid_pre"):
+        location = SiteLocation(kind, "", "output" if kind.name == "resid_post" else "input", (d_model,))
+    else:
+        blocks = model.bridge.adapter.component_mapping["blocks"]
+        attn, mlp = _component(blocks, "attn"), _component(blocks, "mlp")
+        projection = _component(attn, "o") if attn is not None else None
+        down = _component(mlp, "out") if mlp is not None else None
+        layer = model.plain_layers[0]
+        location = None
+        if kind.name == "attn_out" and projection is not None:
+            post = _component(blocks, "ln1_post")  # Gemma 2/3, OLMo 2/3 normalise the output before adding it
+            location = SiteLocation(kind, post.name if post is not None else _join(attn.name, projection.name), "output", (d_model,))
+        elif kind.name == "mlp_out" and mlp is not None:
+            post = _component(blocks, "ln2_post")
+            path = post.name if post is not None else (_join(mlp.name, down.name) if down is not None else mlp.name)
+            if path:
+                location = SiteLocation(kind, path, "output", (d_model,))
+        elif kind.name == "neurons" and down is not None:
+            path = _join(mlp.name, down.name)
+            location = SiteLocation(kind, path, "input", (_input_width(layer.get_submodule(path)),))
+        elif kind.name == "heads" and projection is not None:
+            path = _join(attn.name, projection.name)
+            width, heads = _input_width(layer.get_submodule(path)), int(model.bridge.cfg.n_heads)
+            if heads > 0 and width % heads == 0:
+                location = SiteLocation(kind, path, "input", (heads, width // heads))
+        if location is None:
+            why = {
+                "neurons": "its MLP has no single down projection (a mixture of experts has one per expert)",
+            }.get(kind.name, "TransformerLens' adapter maps no such submodule for it")
+            raise ProbeConfigError(
+                "site", site, f"a site that {model.name!r} ({type(model.hf).__name__}) has; {why}",
+                f"Sites it has: {', '.join(repr(n) for n in available_sites(model, skip=kind.name))}.",
+            )
+    cache[kind.name] = location
+    return location
+
+
+def available_sites(model: "PatchscopeModel", skip: str = "") -> list[str]:
+    """The sites `model` has (every name of SITES that `locate_site` finds)."""
+    found = []
+    for name in SITES:
+        if name == skip:
+            continue
+        try:
+            locate_site(model, name)
+        except ProbeConfigError:
+            continue
+        found.append(name)
+    return found
