@@ -12,12 +12,14 @@ from .engine import PatchResult
 from .profile import LocalizationProfile
 
 
-def _describe(result: PatchResult, expectation: str) -> str:
+def describe_failure(result: PatchResult, expectation: str) -> str:
+    """What failed, then the probe, its patched and clean text, and the probe as code (for @example)."""
     return (
         f"{expectation}\n"
         f"  probe:    {result.probe.describe()}\n"
         f"  patched:  {result.text!r}\n"
-        f"  clean:    {result.clean_text!r}"
+        f"  clean:    {result.clean_text!r}\n"
+        f"  as code:  {result.probe!r}"
     )
 
 
@@ -30,7 +32,7 @@ def assert_patched_generation_contains(result: PatchResult, expected: str, *, ca
     __tracebackhide__ = True
     if not _contains(result.text, expected, case_sensitive):
         how = "" if case_sensitive else " (case-insensitive)"
-        raise AssertionError(_describe(result, f"patched generation does not contain {expected!r}{how}"))
+        raise AssertionError(describe_failure(result, f"patched generation does not contain {expected!r}{how}"))
 
 
 def assert_patched_generation_not_contains(result: PatchResult, unexpected: str, *, case_sensitive: bool = False) -> None:
@@ -38,7 +40,7 @@ def assert_patched_generation_not_contains(result: PatchResult, unexpected: str,
     __tracebackhide__ = True
     if _contains(result.text, unexpected, case_sensitive):
         how = "" if case_sensitive else " (case-insensitive)"
-        raise AssertionError(_describe(result, f"patched generation contains {unexpected!r}{how}, which it must not"))
+        raise AssertionError(describe_failure(result, f"patched generation contains {unexpected!r}{how}, which it must not"))
 
 
 def assert_patched_generation_matches(result: PatchResult, pattern: str | re.Pattern[str], *, flags: int = 0) -> None:
@@ -46,14 +48,14 @@ def assert_patched_generation_matches(result: PatchResult, pattern: str | re.Pat
     __tracebackhide__ = True
     if re.search(pattern, result.text, flags) is None:
         shown = pattern.pattern if isinstance(pattern, re.Pattern) else pattern
-        raise AssertionError(_describe(result, f"patched generation does not match regex {shown!r}"))
+        raise AssertionError(describe_failure(result, f"patched generation does not match regex {shown!r}"))
 
 
 def assert_generation_changed(result: PatchResult) -> None:
     """The patch changed the continuation: patched text differs from the clean one."""
     __tracebackhide__ = True
     if result.tokens == result.clean_tokens:
-        raise AssertionError(_describe(result, "patched generation is identical to the clean generation"))
+        raise AssertionError(describe_failure(result, "patched generation is identical to the clean generation"))
 
 
 def assert_localized(profile: LocalizationProfile, layers: Iterable[int] | None = None, *, min_hits: int = 1) -> None:

@@ -263,6 +263,11 @@ class PytestPatchscope:
         __tracebackhide__ = True
         return _user_facing(self.current.run, *args, **kwargs)
 
+    def check_all(self, *args: Any, **kwargs: Any) -> "list[PatchResult]":
+        """Patchscope.check_all on the test's model: many drawn probes in one batched job."""
+        __tracebackhide__ = True
+        return _user_facing(self.current.check_all, *args, **kwargs)
+
     def sweep(self, *args: Any, **kwargs: Any) -> "LocalizationProfile":
         """Patchscope.sweep; with --patchscope-compare-model it also runs on the reference model."""
         __tracebackhide__ = True

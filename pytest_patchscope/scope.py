@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
+from .assertions import describe_failure
 from .engine import DEFAULT_BATCH_MEMORY_MB, DEFAULT_MAX_NEW_TOKENS_LIMIT, Engine, PatchResult, ProgressCallback, run_probes
 from .errors import ProbeConfigError, warn_at_caller
 from .models import PatchscopeModel, load_model
@@ -221,6 +222,33 @@ class Patchscope:
     def run(self, probes: Sequence[Probe]) -> list[PatchResult]:
         """Run many probes as one batched, prefix-sharing job (results in order)."""
         return run_probes(self.engine, probes, progress=self.progress)
+
+    def check_all(self, probes: Sequence[Probe], predicate: Callable[[PatchResult], Any]) -> list[PatchResult]:
+        """Run `probes` as one batched job and check `predicate` on every result.
+
+        For a property that is a pure function of probes: `@given(st.lists(strategies.probes(...)))`
+        then `patchscope.check_all(batch, predicate)` evaluates a whole drawn list in one engine job,
+        and Hypothesis shrinks a failing list to its one failing probe. The predicate returns a
+        truth value or raises AssertionError (e.g. an assert_patched_* call); the failure names how
+        many probes failed and shows the first in full.
+        """
+        __tracebackhide__ = True
+        if not callable(predicate):
+            raise ProbeConfigError("predicate", predicate, "a callable predicate(result) -> bool (or one that raises AssertionError)")
+        results = self.run(probes)
+        failures: list[str] = []
+        for result in results:
+            try:
+                held = predicate(result)
+            except AssertionError as exc:
+                failures.append(str(exc))
+                continue
+            if not held:
+                name = getattr(predicate, "__name__", type(predicate).__name__)
+                failures.append(describe_failure(result, f"{name}(result) is {held!r}"))
+        if failures:
+            raise AssertionError(f"{len(failures)} of {len(results)} probes fail the property; the first:\n{failures[0]}")
+        return results
 
     def expected_token_ids(self, expect: str) -> tuple[int, ...]:
         """Candidate first tokens of an expected answer, one per spelling that the hit test accepts.
