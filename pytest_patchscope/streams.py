@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .backend import layer_signature, module_device
 from .errors import EngineError, ProbeConfigError
-from .sites import SiteLocation
+from .sites import SiteLocation, locate_site
 
 if TYPE_CHECKING:
     import torch
@@ -443,7 +443,8 @@ def forward_opening(
                 written[p.row] = written.get(p.row, 0) + 1
         return flat.view(shape)
 
-    resid_post = next((loc for loc in locations if loc.site.name == "resid_post"), None)
+    # The block output is always visited: it is where each stage's tokens are re-laid out for the next.
+    resid_post = next((loc for loc in locations if loc.site.name == "resid_post"), None) or locate_site(model, "resid_post")
     resid_pre = next((loc for loc in locations if loc.site.name == "resid_pre"), None)
 
     def enter(layer_index: int, module: Any, args: tuple, kwargs: dict) -> tuple:
@@ -470,10 +471,7 @@ def forward_opening(
         parent = None
         if layout.stages[stage] is not layout.stages[layer_index]:
             parent = layout.tensor(stage, "parent", hidden.device)
-        if resid_post is not None:
-            hidden = visit(hidden, layer_index, resid_post, layer_index, stage, parent)
-        elif parent is not None:
-            hidden = hidden.flatten(0, 1).index_select(0, parent.flatten()).view(*parent.shape, hidden.shape[-1])
+        hidden = visit(hidden, layer_index, resid_post, layer_index, stage, parent)
         if stage == final and plan.reps[-1]:
             # Only each final stream's last token goes on to the final norm and the logits, in a shape
             # whose length is stage 0's (GPT-2 views its output as the input's shape).
@@ -495,7 +493,7 @@ def forward_opening(
             handles.append(layer.register_forward_pre_hook(partial(enter, j), with_kwargs=True))
             handles.append(layer.register_forward_hook(partial(leave, j)))
             for location in locations:
-                if location.path and any(key == (j, location.site.name) for key in [*captures, *by_site]):
+                if location.path and ((j, location.site.name) in captures or (j, location.site.name) in by_site):
                     module = layer.get_submodule(location.path)
                     hook = partial(inside, j, location)
                     if location.side == "input":
