@@ -10,7 +10,10 @@ from typing import Any
 
 _EXPORTS = {
     "Patchscope": "scope",
-    "PatchResult": "engine",
+    "PatchResult": "results",
+    "CandidateScore": "results",
+    "Sample": "results",
+    "Decoding": "decoding",
     "Probe": "probe",
     "Substring": "probe",
     "Placeholder": "probe",
@@ -42,6 +45,7 @@ _EXPORTS = {
     "assert_patched_generation_matches": "assertions",
     "assert_generation_changed": "assertions",
     "assert_localized": "assertions",
+    "assert_patched_prefers": "assertions",
 }
 
 __all__ = sorted(_EXPORTS)

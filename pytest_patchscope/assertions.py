@@ -8,29 +8,51 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
-from .engine import PatchResult
+from .errors import ProbeConfigError
 from .profile import LocalizationProfile
+from .results import PatchResult, contains
+
+
+def _text_line(text: str | None, degenerate: str | None, generated: bool) -> str:
+    if not generated:
+        return "(none generated: max_new_tokens=0 scores only)"
+    return repr(text) + (f"  [degenerate: {degenerate}]" if degenerate else "")
+
+
+def describe_scores(result: PatchResult) -> list[str]:
+    """Every candidate's score after the patched and the clean target, one line each."""
+    if not result.scores:
+        return []
+    width = max(len(repr(c)) for c in result.scores)
+    lines = [f"  {'candidate':<{width}}  {'patched logprob (mean, rank)':<32}clean logprob (mean, rank)"]
+    for candidate, score in sorted(result.scores.items(), key=lambda item: -item[1].logprob):
+        clean = result.clean_scores.get(candidate) if result.clean_scores else None
+        shown = "" if clean is None else f"{clean.logprob:9.3f} ({clean.mean_logprob:.3f}, {clean.rank})"
+        lines.append(f"  {candidate!r:<{width}}  {f'{score.logprob:9.3f} ({score.mean_logprob:.3f}, {score.rank})':<32}{shown}")
+    return lines
 
 
 def describe_failure(result: PatchResult, expectation: str) -> str:
-    """What failed, then the probe, its patched and clean text, and the probe as code (for @example)."""
-    return (
-        f"{expectation}\n"
-        f"  probe:    {result.probe.describe()}\n"
-        f"  patched:  {result.text!r}\n"
-        f"  clean:    {result.clean_text!r}\n"
-        f"  as code:  {result.probe!r}"
-    )
-
-
-def _contains(text: str, expected: str, case_sensitive: bool) -> bool:
-    return expected in text if case_sensitive else expected.lower() in text.lower()
+    """What failed, then the probe, its patched and clean text (flagged when degenerate), any
+    candidate scores, and the probe as code (for @example)."""
+    generated = result.probe.max_new_tokens > 0
+    lines = [
+        expectation,
+        f"  probe:    {result.probe.describe()}",
+        f"  patched:  {_text_line(result.text, result.degenerate, generated)}",
+        f"  clean:    {_text_line(result.clean_text, result.clean_degenerate, generated)}",
+    ]
+    if len(result.samples) > 1:
+        lines.append(f"  samples:  {[s.text for s in result.samples]!r}")
+    lines += describe_scores(result)
+    lines.append(f"  as code:  {result.probe!r}")
+    return "\n".join(lines)
 
 
 def assert_patched_generation_contains(result: PatchResult, expected: str, *, case_sensitive: bool = False) -> None:
     """The patched continuation contains `expected`."""
     __tracebackhide__ = True
-    if not _contains(result.text, expected, case_sensitive):
+    if not contains(result.text, expected, case_sensitive):
         how = "" if case_sensitive else " (case-insensitive)"
         raise AssertionError(describe_failure(result, f"patched generation does not contain {expected!r}{how}"))
 
@@ -38,7 +60,7 @@ def assert_patched_generation_contains(result: PatchResult, expected: str, *, ca
 def assert_patched_generation_not_contains(result: PatchResult, unexpected: str, *, case_sensitive: bool = False) -> None:
     """The patched continuation does not contain `unexpected` (a negative control)."""
     __tracebackhide__ = True
-    if _contains(result.text, unexpected, case_sensitive):
+    if contains(result.text, unexpected, case_sensitive):
         how = "" if case_sensitive else " (case-insensitive)"
         raise AssertionError(describe_failure(result, f"patched generation contains {unexpected!r}{how}, which it must not"))
 
@@ -56,6 +78,32 @@ def assert_generation_changed(result: PatchResult) -> None:
     __tracebackhide__ = True
     if result.tokens == result.clean_tokens:
         raise AssertionError(describe_failure(result, "patched generation is identical to the clean generation"))
+
+
+def assert_patched_prefers(result: PatchResult, expected: str, *, over: Iterable[str] | None = None, margin: float = 0.0) -> None:
+    """After the patch, `expected` scores more than `margin` nats above each of `over` (default:
+    every other candidate), by summed log-probability. The result must come from `score` (or a
+    probe with candidates) that scored them all."""
+    __tracebackhide__ = True
+    others = [c for c in result.scores if c != expected] if over is None else list(over)
+    missing = [c for c in [expected, *others] if c not in result.scores]
+    if missing:
+        raise ProbeConfigError(
+            "candidates", list(result.scores), f"a list that includes {missing}",
+            "assert_patched_prefers compares scored candidates: add them to candidates=[...].",
+        )
+    if not others:
+        raise ProbeConfigError("over", over, f"at least one candidate other than {expected!r}")
+    best = max(others, key=lambda c: result.scores[c].logprob)
+    gap = result.scores[expected].logprob - result.scores[best].logprob
+    if not gap > margin:
+        raise AssertionError(
+            describe_failure(
+                result,
+                f"patched model does not prefer {expected!r} over {others} by more than {margin}: "
+                f"its margin over {best!r} is {gap:.3f} nats",
+            )
+        )
 
 
 def assert_localized(profile: LocalizationProfile, layers: Iterable[int] | None = None, *, min_hits: int = 1) -> None:

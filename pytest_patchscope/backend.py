@@ -15,7 +15,7 @@ import copy
 import functools
 import inspect
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import ModelLoadError, ProbeConfigError
@@ -61,6 +61,21 @@ class Architecture:
     alibi_in_mask: bool = False
     """Falcon with alibi=True: the bias, divided by sqrt(head_dim), is folded into the mask (per head)."""
     head_dim: int = 0
+    logit_scale: float = 1.0
+    """What the family's LM head multiplies its logits by (Cohere's logit_scale, 1 / Granite's logits_scaling)."""
+    logit_softcap: float | None = None
+    """Gemma 2/3's final_logit_softcapping: logits = cap * tanh(logits / cap)."""
+
+    def final_logits(self, logits: Any) -> Any:
+        """The LM head's output as the family's CausalLM forward returns it: greedy choices never
+        depend on this, but log-probabilities (scores) do."""
+        import torch
+
+        if self.logit_scale != 1.0:
+            logits = logits * self.logit_scale
+        if self.logit_softcap is not None:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits
 
     def layer_bias(self, key_positions: Any, dtype: Any) -> Any:
         """The ALiBi bias for keys at `key_positions` (rows, keys), as this family's layers take it:
@@ -95,11 +110,26 @@ def _refusal(model_type: str, reason: str) -> ModelLoadError:
     )
 
 
+LOGIT_SCALES = {"cohere": "logit_scale", "cohere2": "logit_scale"}
+LOGIT_DIVISORS = {"granite": "logits_scaling", "granitemoe": "logits_scaling"}
+LOGIT_SOFTCAPS = {"gemma2": "final_logit_softcapping", "gemma3_text": "final_logit_softcapping"}
+"""model_type -> the config field of its LM head's post-processing (read from each family's CausalLM.forward)."""
+
+
 def describe_architecture(config: Any) -> Architecture:
-    """The attention windows of `config`'s layers, as HF's own masks apply them; refuses what it cannot run."""
+    """The attention windows of `config`'s layers, as HF's own masks apply them, and what its LM head
+    does to the logits; refuses what it cannot run."""
     model_type = str(getattr(config, "model_type", "") or "")
     if model_type in NOT_KEY_VALUE:
         raise _refusal(model_type, NOT_KEY_VALUE[model_type])
+    scale = float(getattr(config, LOGIT_SCALES[model_type])) if model_type in LOGIT_SCALES else 1.0
+    if model_type in LOGIT_DIVISORS:
+        scale /= float(getattr(config, LOGIT_DIVISORS[model_type]))
+    cap = getattr(config, LOGIT_SOFTCAPS[model_type], None) if model_type in LOGIT_SOFTCAPS else None
+    return replace(_attention(config, model_type), logit_scale=scale, logit_softcap=None if cap is None else float(cap))
+
+
+def _attention(config: Any, model_type: str) -> Architecture:
     n_layers = int(config.num_hidden_layers)
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)

@@ -8,17 +8,22 @@ How a batch of probes runs (on the plain HF twin, which shares every weight with
    through memory once for all of them. The rows run in streams (see `streams`): together at every
    layer where they cannot differ yet, branching off right after their patch layer, where the source
    state, captured lower in the same pass, is written.
-2. Decoding is greedy and needs no patch: later tokens see it only through the keys/values, as in
-   the paper's code. Streams go on sharing while rows generate the same tokens.
+2. Decoding needs no patch: later tokens see it only through the keys/values, as in the paper's
+   code. Streams go on sharing while rows generate the same tokens. A row picks its tokens greedily
+   or samples them with its own generator (see `decoding`); a probe's extra samples and its
+   candidates (teacher-forced answers, scored token by token) are rows of its family, which share
+   its opening pass and keys/values and branch off only where their tokens differ.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, cast
 
+from .decoding import GREEDY, Decoding, degeneration, next_token, row_generator
 from .errors import EngineError, ProbeConfigError
 from .probe import Probe, ResolvedProbe, apply_mapping, mapping_name, resolve_probe
+from .results import CandidateScore, PatchResult, Sample
 from .sites import DEFAULT_SITE, SiteLocation, locate_site
 from .streams import Capture, LayerKV, PackedLayout, Patch, Span, StreamPlan, forward_opening, forward_streams
 
@@ -27,7 +32,9 @@ if TYPE_CHECKING:
 
     from .models import PatchscopeModel
 
-ProgressCallback = Callable[[int, int], None]
+ProgressCallback = Callable[[float, int], None]
+"""progress(done, total): probes done of the job's total; `done` grows within a chunk too (by
+decoding steps), so it may be fractional, and reaches `total` exactly when the job ends."""
 DEFAULT_BATCH_MEMORY_MB = 512
 DEFAULT_MAX_NEW_TOKENS_LIMIT = 1024
 """Default sanity bound on a probe's max_new_tokens: a typo such as 10**7 fails fast instead of running for days."""
@@ -40,30 +47,14 @@ SourceStates = dict[StateKey, dict[int, Any]]
 """Source values already at hand: StateKey -> {layer: tensor of the site's shape}."""
 
 
-@dataclass(frozen=True)
-class PatchResult:
-    """What one probe generated: the patched continuation beside the clean one."""
-
-    probe: Probe
-    resolved: ResolvedProbe
-    text: str
-    clean_text: str | None
-    """The unpatched continuation (None when run with clean=False)."""
-    tokens: tuple[int, ...]
-    clean_tokens: tuple[int, ...] | None
-    scores: dict[int, tuple[float, int]] = field(default_factory=dict, repr=False)
-    """For requested token ids: (log-probability, rank) at the first generated step."""
-
-    def __str__(self) -> str:
-        return f"{self.probe.describe()}\n  patched: {self.text!r}\n  clean:   {self.clean_text!r}"
-
-
 @dataclass
 class _Row:
     """One sequence of a batch: a target prompt, at most one patch, and its decoding budget.
 
     A patched row writes the source value `sources[k]` (or its only one) at target token
-    `offsets[k]` past its split, at `location` in block `patch_layer`.
+    `offsets[k]` past its split, at `location` in block `patch_layer`. A row with a `parent` (a
+    sample or a candidate of it) has the parent's target and patch and shares the parent's opening
+    pass and keys/values: it branches off only once its tokens differ.
     """
 
     target_ids: tuple[int, ...]
@@ -79,6 +70,12 @@ class _Row:
     max_new_tokens: int = 20
     stop: tuple[str, ...] = ()
     score_ids: tuple[int, ...] = ()
+    parent: int | None = None
+    forced: tuple[int, ...] = ()
+    """Teacher-forced tokens (a candidate): fed instead of chosen, each one's log-probability kept."""
+    decoding: Decoding = GREEDY
+    sample: int = 0
+    """Which sample of its probe this row draws (its generator is seeded decoding.seed + sample)."""
 
     @property
     def branch_stage(self) -> int | None:
@@ -93,6 +90,9 @@ class _RowOutput:
     tokens: list[int]
     text: str
     scores: dict[int, tuple[float, int]]
+    forced_logprobs: list[float]
+    first_rank: int | None
+    degenerate: str | None
 
 
 def _float_mask(allowed: "torch.Tensor", dtype: "torch.dtype") -> "torch.Tensor":
@@ -138,15 +138,15 @@ class Engine:
 
     def _opening(
         self, rows: list[_Row], wanted: dict[StateKey, set[int]], states: SourceStates,
-        vector_of: Callable[[int], Any] | None,
-    ) -> tuple[StreamPlan, list[int], dict[Any, int], "torch.Tensor | None", list[LayerKV], int, int]:
+        vector_of: Callable[[int], Any] | None, layer_done: Callable[[int], None] | None = None,
+    ) -> tuple[StreamPlan, list[int], dict[Any, int], "torch.Tensor | None", list[LayerKV], int, int, list[int]]:
         """One pass over every shared prefix, every source prompt in `wanted` and every row's T[split:].
 
         Packed end to end into rows of at most PACK_TOKENS tokens, each segment sees only itself and
         each row's span its own prefix, so everything computes what it would alone; the weights stream
         through memory once. Fills `states`, writes the patches (`vector_of(r)` gives row r's vector),
         and returns the stream plan, the rows' groups, the logits per final stream and each layer's
-        keys/values per stream, laid out [pad][prefix][pad][span] with the two widths returned last.
+        keys/values per stream, laid out [pad][prefix][pad][span] with the two widths, and each row's root.
         """
         segments, spans, shard_of, n_packed = self._pack(rows, wanted)
         segment_of: dict[tuple[int, ...], int] = {}
@@ -156,7 +156,8 @@ class Engine:
         # Rows share a stream while they have seen the same tokens: at first, the same target and shard.
         group_ids: dict[Any, int] = {}
         groups = [group_ids.setdefault((row.target_ids, row.split, shard_of[r]), len(group_ids)) for r, row in enumerate(rows)]
-        plan = StreamPlan(range(len(rows)), groups, [row.branch_stage for row in rows], self.model.n_layers)
+        roots = _roots(rows)
+        plan = StreamPlan(range(len(rows)), groups, [row.branch_stage for row in rows], self.model.n_layers, roots)
         layout = PackedLayout(plan, spans, segments, n_packed)
         captures: dict[tuple[int, str], list[Capture]] = {}
         locations = {row.location.site.name: row.location for row in rows if row.location is not None}
@@ -168,13 +169,13 @@ class Engine:
             Patch(r, row.patch_layer, row.location, row.offsets, partial(vector_of, r), row.strength,
                   row.location.columns(row.units), mapping_name(row.mapping))
             for r, row in enumerate(rows)
-            if row.sources and row.patch_layer is not None and row.location is not None and vector_of is not None
+            if row.sources and row.parent is None and row.patch_layer is not None and row.location is not None and vector_of is not None
         ]
-        logits, kv, written = forward_opening(self.model, layout, captures, states, patches, list(locations.values()))
+        logits, kv, written = forward_opening(self.model, layout, captures, states, patches, list(locations.values()), layer_done)
         # A patch that is silently not written (or written twice) would pass for a probe that
         # found nothing: every patched row must have been written exactly once.
         for r, row in enumerate(rows):
-            if row.sources and written.get(r, 0) != 1:
+            if row.sources and row.parent is None and written.get(r, 0) != 1:
                 assert row.location is not None and row.patch_layer is not None  # every patched row has both
                 raise EngineError(
                     f"the patch of row {r} (at {row.location.site.hook_name(row.patch_layer)}) was written "
@@ -183,7 +184,7 @@ class Engine:
         prefix_width = max((row.split for row in rows), default=0)
         span_width = max((len(row.target_ids) - row.split for row in rows), default=0)
         stores = [layout.stream_kv(j, kv[j], prefix_width, span_width) for j in range(self.model.n_layers)] if rows else []
-        return plan, groups, group_ids, logits, stores, prefix_width, span_width
+        return plan, groups, group_ids, logits, stores, prefix_width, span_width, roots
 
     @staticmethod
     def _pack(
@@ -193,11 +194,14 @@ class Engine:
 
         A prefix and the spans that see it must share a packed row; when their spans grow longer
         than another copy of the prefix (or the PACK_TOKENS budget), the rest go to a new shard with
-        its own copy. Source prompts that are not already a prefix are segments of their own.
+        its own copy. Source prompts that are not already a prefix are segments of their own. A row
+        with a parent has no span of its own: it computes in its parent's stream.
         """
         units: list[tuple[tuple[int, ...], list[int]]] = []
         by_prefix: dict[Any, list[int]] = {}
         for r, row in enumerate(rows):
+            if row.parent is not None:
+                continue
             by_prefix.setdefault(row.target_ids[: row.split] or ("no prefix", row.target_ids), []).append(r)
         for members in by_prefix.values():
             prefix = rows[members[0]].target_ids[: rows[members[0]].split]
@@ -232,6 +236,9 @@ class Engine:
                 row = rows[r]
                 spans[r] = Span(row.target_ids[row.split:], row.split, packed, len(segments) - 1 if prefix else None)
                 shard_of[r] = number
+        for r, row in enumerate(rows):
+            if row.parent is not None:
+                spans[r], shard_of[r] = spans[row.parent], shard_of[row.parent]
         return segments, spans, shard_of, len(fill)
 
     # ---- batching --------------------------------------------------------------------------
@@ -241,7 +248,8 @@ class Engine:
         Values are in the model's dtype, except the logits (float32 once scored). The opening pass
         keeps one float (W x W) mask per stage (n_layers + 1 at most) and attention window over
         packed rows of width W <= max(PACK_TOKENS, one unit); a row's tokens t (source + target,
-        counted as if shared with nothing) take at most t * W of each.
+        counted as if shared with nothing) take at most t * W of each. A row with a parent computes
+        in its parent's stream there, so only its own keys/values, decoding and logits count.
         """
         cfg = self.model.hf.config
         element = next(self.model.hf.parameters()).dtype.itemsize
@@ -251,40 +259,48 @@ class Engine:
         length = len(row.target_ids) + row.max_new_tokens
         kv = 2 * self.model.n_layers * heads * head_dim * length
         inter = getattr(cfg, "intermediate_size", None) or 4 * self.model.d_model
-        suffix = len(row.target_ids) - row.split
+        suffix = 1 if row.parent is not None else len(row.target_ids) - row.split
         activations = suffix * (8 * self.model.d_model + 3 * inter) + length * getattr(cfg, "num_attention_heads", 1) * 2
+        logits = 3 * cfg.vocab_size
+        if row.parent is not None:
+            return element * (kv + activations) + 4 * logits
         tokens = len(row.target_ids) + sum(len(ids) for ids in dict.fromkeys(key[0] for key in row.sources))
         architecture = self.model.architecture
         per_head = architecture.alibi_heads if architecture.alibi_in_mask else 1  # Falcon's ALiBi masks are per head
         masks = (self.model.n_layers + 1) * len(architecture.distinct_windows) * per_head * tokens * max(PACK_TOKENS, tokens)
-        logits = 3 * cfg.vocab_size
         return element * (kv + activations + masks) + 4 * logits
 
     def _chunks(self, rows: list[_Row]) -> list[list[int]]:
         """Row indices grouped so that each chunk's estimated memory stays under the limit.
 
-        Rows are ordered by (prefix, length) so that rows sharing a prefix land in one chunk. A row
-        that alone needs more than the limit is a ProbeConfigError (raised before anything runs).
+        A row and its samples and candidates (its family) always share a chunk, parent first.
+        Families are ordered by (prefix, length) so that rows sharing a prefix land in one chunk. A
+        family that alone needs more than the limit is a ProbeConfigError (raised before anything runs).
         """
-        order = sorted(range(len(rows)), key=lambda k: (rows[k].target_ids[: rows[k].split], len(rows[k].target_ids)))
+        families: dict[int, list[int]] = {}
+        for k, root in enumerate(_roots(rows)):
+            families.setdefault(root, []).append(k)
+        order = sorted(families, key=lambda k: (rows[k].target_ids[: rows[k].split], len(rows[k].target_ids)))
         budget = self.batch_memory_mb * 2**20
         chunks: list[list[int]] = []
         current: list[int] = []
         used = 0
-        for k in order:
-            cost = self._row_bytes(rows[k])
+        for root in order:
+            members = families[root]
+            cost = sum(self._row_bytes(rows[k]) for k in members)
             if cost > budget:
-                row = rows[k]
+                row = rows[root]
+                family = f", with its {len(members) - 1} samples and candidates" if len(members) > 1 else ""
                 raise ProbeConfigError(
                     "batch_memory_mb", self.batch_memory_mb,
                     f"at least {cost / 2**20:.2f} MB: one row of this probe (a {len(row.target_ids)}-token target, "
-                    f"max_new_tokens={row.max_new_tokens}) needs that much",
+                    f"max_new_tokens={row.max_new_tokens}{family}) needs that much",
                     "Raise batch_memory_mb, or shorten the prompts or max_new_tokens.",
                 )
             if current and used + cost > budget:
                 chunks.append(current)
                 current, used = [], 0
-            current.append(k)
+            current += members
             used += cost
         if current:
             chunks.append(current)
@@ -321,35 +337,54 @@ class Engine:
                 vectors[k] = flat.expand(len(row.offsets), -1) if len(mapped) == 1 else flat
             return vectors[k]
 
-        total = sum(row.max_new_tokens for row in rows)
+        total = sum(1 for row in rows if row.sources and row.parent is None)  # one patched row per probe
         done = 0
+        if progress is not None:
+            progress(0, total)
         for number, chunk in enumerate(chunks):
 
             def chunk_vector(r: int, chunk: list[int] = chunk) -> Any:
                 return vector_of(chunk[r])
 
-            results = self._run_chunk([rows[k] for k in chunk], wanted if number == 0 else {}, states, chunk_vector)
+            probes_in_chunk = sum(1 for k in chunk if rows[k].sources and rows[k].parent is None)
+            local = {k: i for i, k in enumerate(chunk)}
+            chunk_rows = [row if row.parent is None else replace(row, parent=local[row.parent]) for row in (rows[k] for k in chunk)]
+
+            def step_done(fraction: float, before: int = done, size: int = probes_in_chunk) -> None:
+                if progress is not None and size:
+                    progress(before + size * min(fraction, 1.0), total)
+
+            results = self._run_chunk(chunk_rows, wanted if number == 0 else {}, states, chunk_vector, step_done)
             for k, out in zip(chunk, results):
                 outputs[k] = out
             if number == 0:
                 for k, row in enumerate(rows):
-                    if row.sources:
+                    if row.sources and row.parent is None:
                         vector_of(k)
-            done += sum(rows[k].max_new_tokens for k in chunk)
+            done += probes_in_chunk
             if progress is not None:
                 progress(done, total)
         return [o for o in outputs if o is not None]
 
     def _run_chunk(
-        self, rows: list[_Row], wanted: dict[StateKey, set[int]], states: SourceStates, vector_of: Callable[[int], Any]
+        self, rows: list[_Row], wanted: dict[StateKey, set[int]], states: SourceStates, vector_of: Callable[[int], Any],
+        step_done: Callable[[float], None],
     ) -> list[_RowOutput]:
-        """The opening pass and greedy decoding of one chunk, rows sharing streams where they agree."""
+        """The opening pass and decoding of one chunk, rows sharing streams where they agree.
+
+        `step_done(fraction)` is told after the opening pass and after every decoding step."""
         import torch
 
         model, device = self.model, self.model.device
         dtype = next(model.hf.parameters()).dtype
         n = len(rows)
-        plan, groups, group_ids, logits, stores, lp, ls = self._opening(rows, wanted, states, vector_of)
+        steps = max(len(row.forced) or row.max_new_tokens for row in rows)
+        n_layers = model.n_layers
+
+        def layer_done(j: int) -> None:  # the opening pass counts as one step
+            step_done((j + 1) / n_layers / (steps + 1))
+
+        plan, groups, group_ids, logits, stores, lp, ls, roots = self._opening(rows, wanted, states, vector_of, layer_done)
         logits = logits.float()  # type: ignore[union-attr]
         scores = [self._scores(logits[plan.final[r]], row.score_ids) for r, row in enumerate(rows)]
 
@@ -371,12 +406,35 @@ class Engine:
 
         tokens: list[list[int]] = [[] for _ in range(n)]
         stopped_text: dict[int, str] = {}  # rows cut at a stop string
-        active = list(range(n))
-        for _ in range(max(row.max_new_tokens for row in rows)):
-            best = logits.argmax(dim=-1).tolist()
+        generators = [row_generator(row.decoding, row.sample, device) for row in rows]
+        forced_logprobs: list[list[float]] = [[] for _ in range(n)]
+        first_rank: list[int | None] = [None] * n
+        active = [r for r, row in enumerate(rows) if row.forced or row.max_new_tokens > 0]
+        for step in range(steps):
+            if not active:
+                break
+            plain = any(not rows[r].forced and not rows[r].decoding.processes_logits for r in active)
+            best = logits.argmax(dim=-1).tolist() if plain else []
+            logprobs = torch.log_softmax(logits.float(), dim=-1) if any(rows[r].forced for r in active) else None
             still = []
             for r in active:
-                token, row = best[plan.final[r]], rows[r]
+                row, stream = rows[r], plan.final[r]
+                if row.forced:  # a candidate: feed its next token, keep that token's log-probability
+                    assert logprobs is not None  # computed whenever a forced row is active
+                    token = row.forced[len(tokens[r])]
+                    value = logprobs[stream, token]
+                    forced_logprobs[r].append(float(value))
+                    if first_rank[r] is None:
+                        first_rank[r] = int((logprobs[stream] > value).sum())
+                    tokens[r].append(token)
+                    groups[r] = group_ids.setdefault((groups[r], token), len(group_ids))
+                    if len(tokens[r]) < len(row.forced):  # the last token's log-probability needs no pass
+                        still.append(r)
+                    continue
+                if row.decoding.processes_logits:
+                    token = next_token(logits[stream].float(), [*row.target_ids, *tokens[r]], row.decoding, generators[r])
+                else:
+                    token = best[stream]
                 finished = token in model.eos_token_ids
                 if not finished:
                     tokens[r].append(token)
@@ -395,7 +453,7 @@ class Engine:
             valid = torch.cat([valid, torch.ones(n, 1, dtype=torch.bool, device=device)], dim=1)
             last_pos = last_pos + 1
             key_pos = torch.cat([key_pos, last_pos[:, None]], dim=1)
-            previous, plan = plan, StreamPlan(active, groups, branch_stages, model.n_layers)
+            previous, plan = plan, StreamPlan(active, groups, branch_stages, model.n_layers, roots)
             for j, store in enumerate(stores):
                 parent = plan.from_previous(previous, j)
                 store.select(None if parent is None else torch.tensor(parent, device=device))
@@ -408,10 +466,13 @@ class Engine:
                     seen[window] = seen[None] & (last_pos[layout, None, None] - key_pos[layout, None, :] < window)
             masks = {window: _float_mask(allowed, dtype) for window, allowed in seen.items()}
             logits = forward_streams(model, plan, stores, next_ids, last_pos[layout, None], masks, key_pos[layout])
-        return [
-            _RowOutput(tokens[r], stopped_text[r] if r in stopped_text else model.decode(tokens[r]), scores[r])
-            for r in range(n)
-        ]
+            step_done((step + 2) / (steps + 1))
+        outputs = []
+        for r, row in enumerate(rows):
+            text = stopped_text[r] if r in stopped_text else model.decode(tokens[r])
+            flag = None if row.forced else degeneration(tokens[r], model.decode)
+            outputs.append(_RowOutput(tokens[r], text, scores[r], forced_logprobs[r], first_rank[r], flag))
+        return outputs
 
     @staticmethod
     def _scores(logits: "torch.Tensor", token_ids: tuple[int, ...]) -> dict[int, tuple[float, int]]:
@@ -424,13 +485,42 @@ class Engine:
         return {t: (float(logprobs[t]), int((logprobs > logprobs[t]).sum())) for t in token_ids}
 
 
+def _roots(rows: Sequence[_Row]) -> list[int]:
+    """Each row's family root: its parent, or itself."""
+    return [r if row.parent is None else row.parent for r, row in enumerate(rows)]
+
+
+@dataclass
+class _ProbeRows:
+    """Where one probe's rows are: its samples (the first is the probe's own row) and candidates,
+    patched and clean (None when run with clean=False)."""
+
+    samples: list[int]
+    candidates: list[int]
+    clean_samples: list[int] | None
+    clean_candidates: list[int] | None
+
+
+def _family(rows: list[_Row], main: _Row, decoding: Decoding, candidate_ids: Sequence[tuple[int, ...]]) -> tuple[list[int], list[int]]:
+    """Append `main` with its extra samples and one forced row per candidate; their indices."""
+    rows.append(main)
+    root = len(rows) - 1
+    samples = [root]
+    for sample in range(1, decoding.n_samples):
+        rows.append(replace(main, parent=root, sample=sample, score_ids=()))
+        samples.append(len(rows) - 1)
+    candidates = []
+    for ids in candidate_ids:
+        rows.append(replace(main, parent=root, forced=ids, decoding=GREEDY, max_new_tokens=len(ids), stop=(), score_ids=()))
+        candidates.append(len(rows) - 1)
+    return samples, candidates
+
+
 def build_rows(
     resolved: Sequence[ResolvedProbe], score_ids: Sequence[tuple[int, ...]] | None = None, *, clean: bool = True
-) -> tuple[list[_Row], list[int], list[int | None]]:
-    """Rows for the patched probes plus (if `clean`) one clean row per distinct (target, budget, stop).
-
-    Returns (rows, patched_row_of_probe, clean_row_of_probe).
-    """
+) -> tuple[list[_Row], list[_ProbeRows]]:
+    """Rows for the patched probes plus (if `clean`) one clean family per distinct (target, budget,
+    stop, decoding, candidates), each with its samples and candidates."""
     # A clean row shares the prefix of the probes on the same target (the smallest split).
     split_of_target: dict[tuple[int, ...], int] = {}
     for rp in resolved:
@@ -438,46 +528,40 @@ def build_rows(
         split_of_target[rp.target_ids] = min(current, rp.target_index)
 
     rows: list[_Row] = []
-    patched_rows: list[int] = []
-    clean_rows: list[int | None] = []
-    clean_index: dict[tuple[Any, ...], int] = {}
+    placed: list[_ProbeRows] = []
+    clean_index: dict[tuple[Any, ...], tuple[list[int], list[int]]] = {}
     for k, rp in enumerate(resolved):
-        scores = tuple(score_ids[k]) if score_ids else ()
         site = rp.location.site.name
-        rows.append(
-            _Row(
-                target_ids=rp.target_ids,
-                split=rp.target_index,
-                patch_layer=rp.target_layer,
-                sources=tuple((rp.source_ids, index, site, source_model_key(rp.source_model)) for index in rp.source_indices),
-                location=rp.location,
-                offsets=tuple(index - rp.target_index for index in rp.target_indices),
-                units=rp.units,
-                source_layer=rp.layer,
-                mapping=rp.probe.mapping,
-                strength=float(rp.probe.strength),
-                max_new_tokens=rp.probe.max_new_tokens,
-                stop=rp.probe.stop,
-                score_ids=scores,
-            )
+        probe = rp.probe
+        main = _Row(
+            target_ids=rp.target_ids,
+            split=rp.target_index,
+            patch_layer=rp.target_layer,
+            sources=tuple((rp.source_ids, index, site, source_model_key(rp.source_model)) for index in rp.source_indices),
+            location=rp.location,
+            offsets=tuple(index - rp.target_index for index in rp.target_indices),
+            units=rp.units,
+            source_layer=rp.layer,
+            mapping=probe.mapping,
+            strength=float(probe.strength),
+            max_new_tokens=probe.max_new_tokens,
+            stop=probe.stop,
+            score_ids=tuple(score_ids[k]) if score_ids else (),
+            decoding=probe.decoding,
         )
-        patched_rows.append(len(rows) - 1)
+        samples, candidates = _family(rows, main, probe.decoding, rp.candidate_ids)
         if not clean:
-            clean_rows.append(None)
+            placed.append(_ProbeRows(samples, candidates, None, None))
             continue
-        key = (rp.target_ids, rp.probe.max_new_tokens, rp.probe.stop)
+        key = (rp.target_ids, probe.max_new_tokens, probe.stop, probe.decoding, rp.candidate_ids)
         if key not in clean_index:
-            rows.append(
-                _Row(
-                    target_ids=rp.target_ids,
-                    split=split_of_target[rp.target_ids],
-                    max_new_tokens=rp.probe.max_new_tokens,
-                    stop=rp.probe.stop,
-                )
+            clean_main = _Row(
+                target_ids=rp.target_ids, split=split_of_target[rp.target_ids], max_new_tokens=probe.max_new_tokens,
+                stop=probe.stop, decoding=probe.decoding,
             )
-            clean_index[key] = len(rows) - 1
-        clean_rows.append(clean_index[key])
-    return rows, patched_rows, clean_rows
+            clean_index[key] = _family(rows, clean_main, probe.decoding, rp.candidate_ids)
+        placed.append(_ProbeRows(samples, candidates, *clean_index[key]))
+    return rows, placed
 
 
 def source_model_key(model: "PatchscopeModel | None") -> str:
@@ -525,23 +609,39 @@ def run_probes(
 
     resolved = [resolve_probe(p, engine.model, max_new_tokens_limit=engine.max_new_tokens_limit) for p in probes]
     with torch.no_grad():
-        rows, patched, clean_rows = build_rows(resolved, score_ids, clean=clean)
+        rows, placed = build_rows(resolved, score_ids, clean=clean)
         states: SourceStates = {key: dict(value) for key, value in (source_states or {}).items()}
         _capture_other_models(resolved, states, engine.batch_memory_mb)
         outputs = engine.run_rows(rows, states, progress)
-    results: list[PatchResult] = []
-    for k, rp in enumerate(resolved):
-        clean_row = clean_rows[k]
-        results.append(
-            PatchResult(
-                probe=rp.probe,
-                resolved=rp,
-                text=outputs[patched[k]].text,
-                clean_text=None if clean_row is None else outputs[clean_row].text,
-                tokens=tuple(outputs[patched[k]].tokens),
-                clean_tokens=None if clean_row is None else tuple(outputs[clean_row].tokens),
-                scores=outputs[patched[k]].scores,
-            )
-        )
-    return results
+    return [_result(rp, where, outputs) for rp, where in zip(resolved, placed)]
 
+
+def _result(rp: ResolvedProbe, where: _ProbeRows, outputs: Sequence[_RowOutput]) -> PatchResult:
+    """One probe's PatchResult from its rows' outputs."""
+
+    def samples(indices: list[int]) -> tuple[Sample, ...]:
+        return tuple(Sample(outputs[r].text, tuple(outputs[r].tokens), outputs[r].degenerate) for r in indices)
+
+    def scores(indices: list[int]) -> dict[str, CandidateScore]:
+        return {
+            candidate: CandidateScore(candidate, ids, tuple(outputs[r].forced_logprobs), outputs[r].first_rank or 0)
+            for candidate, ids, r in zip(rp.probe.candidates, rp.candidate_ids, indices)
+        }
+
+    main = outputs[where.samples[0]]
+    clean = None if where.clean_samples is None else outputs[where.clean_samples[0]]
+    return PatchResult(
+        probe=rp.probe,
+        resolved=rp,
+        text=main.text,
+        clean_text=None if clean is None else clean.text,
+        tokens=tuple(main.tokens),
+        clean_tokens=None if clean is None else tuple(clean.tokens),
+        first_token_scores=main.scores,
+        scores=scores(where.candidates),
+        clean_scores=None if where.clean_candidates is None else scores(where.clean_candidates),
+        samples=samples(where.samples),
+        clean_samples=None if where.clean_samples is None else samples(where.clean_samples),
+        degenerate=main.degenerate,
+        clean_degenerate=None if clean is None else clean.degenerate,
+    )

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 from .engine import DEFAULT_BATCH_MEMORY_MB, run_probes
 from .errors import PatchscopeError, ProbeConfigError, ReportError
 from .presets import TOKEN_IDENTITY
+from .progress import ProgressLog, progress_label
 from .sites import DEFAULT_SITE
 
 if TYPE_CHECKING:
@@ -535,14 +536,10 @@ def evaluate_nexttoken(
     probes = [scope.probe(s.text, TOKEN_IDENTITY, layer=layer, max_new_tokens=1, stop=()) for s in samples for layer in chosen]
     score_ids = [(int(targets[k]),) for k in range(len(samples)) for _ in chosen]
     log(f"token identity: {len(probes)} probes in one batched job")
-    reported = [-1.0]
-
-    def progress(done: int, total: int) -> None:
-        if done / total - reported[0] >= 0.1 or done == total:
-            reported[0] = done / total
-            log(f"  token identity {100 * done / total:.0f}% ({time.perf_counter() - clock:.0f} s)")
-
-    results = run_probes(scope.engine, probes, score_ids=score_ids, source_states=known, progress=progress)
+    # The scope's live bar when it has one (the CLI on a terminal), else a few lines through `log`.
+    progress = scope.progress or ProgressLog(log, every_s=60.0, announce=False)
+    with progress_label("token identity"):
+        results = run_probes(scope.engine, probes, score_ids=score_ids, source_states=known, progress=progress)
     lap("token_identity")
     identity_top: dict[int, list[int]] = {layer: [] for layer in chosen}
     identity_logp: dict[int, list[float]] = {layer: [] for layer in chosen}
@@ -550,7 +547,7 @@ def evaluate_nexttoken(
         k, j = divmod(index, len(chosen))
         layer = chosen[j]
         target = int(targets[k])
-        logp, rank = result.scores[target]
+        logp, rank = result.first_token_scores[target]
         if result.tokens:
             top = result.tokens[0]
         else:  # the first generated token was an end-of-sequence token, which the engine does not keep
@@ -763,6 +760,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-memory-mb", type=float, default=DEFAULT_BATCH_MEMORY_MB, help=f"memory bound of one probe batch (default {DEFAULT_BATCH_MEMORY_MB})"
     )
     nt.add_argument("--no-plot", action="store_true", help="do not draw nexttoken.png")
+    nt.add_argument("--no-progress", action="store_true", help="no live progress bar (it is drawn only when stderr is a terminal)")
     return parser
 
 
@@ -780,7 +778,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         corpus_name = ", ".join(Path(p).name for p in args.text) if args.text else None
         device = detect_device(parse_device(args.device, "--device"))
         log(f"loading {args.model} on {device} ...")
-        scope = Patchscope.load(args.model, device=device, batch_memory_mb=args.batch_memory_mb)
+        scope = Patchscope.load(args.model, device=device, batch_memory_mb=args.batch_memory_mb,
+                                progress=False if args.no_progress else "auto")
         report = evaluate_nexttoken(
             scope, documents, n=args.n, n_train=args.n_train, layers=args.layers, seed=args.seed,
             min_tokens=args.min_tokens, max_tokens=args.max_tokens, corpus_name=corpus_name,

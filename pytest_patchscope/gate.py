@@ -12,7 +12,7 @@ import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import pytest
 
@@ -30,6 +30,7 @@ from .baseline.serializer import (
 )
 from .baseline.storage import read_baseline, update_baseline
 from .errors import BaselineError, PatchscopeError, ProbeConfigError
+from .html_report import HTML_REPORT_OPTION, check_html_report_path, write_html_report
 from .options import flag_setting, path_setting
 from .report import (
     SessionSummary,
@@ -57,7 +58,19 @@ SETUP_OUTPUT_KEY = "patchscope_setup"
 BASELINE_INPUT_KEY = "patchscope_baseline_text"
 """workerinput key: the controller's baseline file text, so every worker (on any host) compares
 against the same baseline, even where the baseline path does not exist or differs on its host."""
-REPORT_OPTIONS = ("patchscope_report", "patchscope_report_md", "patchscope_heatmap")
+REPORT_OPTIONS = ("patchscope_report", "patchscope_report_md", "patchscope_heatmap", "patchscope_report_html")
+
+
+def configure_reports(config: pytest.Config, gate: "Gate") -> None:
+    """At configure time: refuse an HTML report path that cannot be written (the controller writes it),
+    and add each recorded sweep to its row of a pytest-html report when pytest-html is active."""
+    target = path_setting(config, "patchscope_report_html")
+    if target and not _is_worker(config):
+        check_html_report_path(Path(target))
+    if config.pluginmanager.hasplugin("html") and config.getoption("htmlpath", None):
+        from .html_extras import HtmlExtras  # imports pytest_html; only reached when its plugin is active
+
+        config.pluginmanager.register(HtmlExtras(gate), "patchscope-html-extras")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -89,6 +102,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="Write a Markdown summary (for a CI job summary).")
     group.addoption("--patchscope-heatmap", dest="patchscope_heatmap", metavar="DIR", default=None,
                     help="Write a PNG heatmap per recorded sweep into DIR (needs matplotlib).")
+    group.addoption(HTML_REPORT_OPTION, dest="patchscope_report_html", metavar="PATH.html", default=None,
+                    help="Write one self-contained HTML page (counts, every probe with baseline and current heatmaps, "
+                    "cell details, a status filter) for a CI artifact. Its folder must exist.")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -98,6 +114,7 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     try:
         gate = Gate.from_config(config)
+        configure_reports(config, gate)
     except PatchscopeError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[GATE_KEY] = gate
@@ -407,7 +424,11 @@ class Gate:
                         lines.append(f"kept {_entries(len(result.kept_unused))} that nothing recorded: {why}")
                     if result.stale_temps:
                         lines.append(f"removed {len(result.stale_temps)} temp file(s) left by a killed writer")
-        for option, writer in zip(REPORT_OPTIONS, (write_json_report, write_markdown_report, write_heatmaps)):
+        writers: tuple[Callable[[Path, SessionSummary], object], ...] = (
+            write_json_report, write_markdown_report, write_heatmaps,
+            functools.partial(write_html_report, context=self.header_lines + lines),
+        )
+        for option, writer in zip(REPORT_OPTIONS, writers):
             target = path_setting(self.config, option)
             if target:
                 try:

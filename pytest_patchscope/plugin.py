@@ -5,8 +5,10 @@ the baseline/report modules; it only decides which model a test uses and where r
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
@@ -20,16 +22,18 @@ from .baseline.keys import project_root  # noqa: E402
 from .engine import DEFAULT_BATCH_MEMORY_MB, DEFAULT_MAX_NEW_TOKENS_LIMIT  # noqa: E402
 from .errors import PatchscopeError, ProbeConfigError  # noqa: E402
 from .options import flag_setting, int_setting, model_spec, path_setting, setting  # noqa: E402
+from .progress import ProgressLog, TerminalBar, combine, is_terminal, under_xdist_worker  # noqa: E402
 
 # The localization gate (baseline, comparison, reports, xdist merge) is its own plugin module.
 pytest_plugins = ["pytest_patchscope.gate"]
 
 if TYPE_CHECKING:
     from .baseline.comparator import Comparison
-    from .engine import PatchResult
+    from .engine import ProgressCallback
     from .models import PatchscopeModel
     from .probe import Probe
     from .profile import LocalizationProfile
+    from .results import PatchResult
     from .scope import Patchscope
     from .workers import WorkerSetup
 
@@ -63,6 +67,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     option("patchscope-max-new-tokens-limit", "Largest max_new_tokens a probe may ask for; more is refused (default 1024).", metavar="N")
     option("patchscope-batch-memory-mb", "Memory bound of one batch of probes; bigger sweeps run in chunks (default 512).", metavar="MB")
     option("patchscope-max-models", "How many models one process (xdist worker) keeps loaded at once, LRU (default 2).", metavar="N")
+    option("patchscope-progress", "Live progress bar of each batched job on the terminal, through the output capture: auto "
+           "(default: when the session's output is a terminal, not on xdist workers nor with live logging), on, or off.",
+           metavar="WHEN")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -100,6 +107,11 @@ class PatchscopeSession:
         except PatchscopeError as exc:
             raise pytest.UsageError(str(exc)) from None
         self.models: ModelCache["Patchscope"] = ModelCache(int_setting(config, "patchscope_max_models", 2))
+        self.progress_mode = _progress_mode(config)
+        # pytest's own output stream, looked at now: during a test its file descriptor is captured too.
+        self.terminal_stream = sys.stdout
+        self.on_terminal = is_terminal(sys.stdout)
+        self.bars: list[TerminalBar] = []
         self.current_item: pytest.Item | None = None
 
     def default_spec(self) -> str | None:
@@ -138,7 +150,7 @@ class PatchscopeSession:
                 max_new_tokens=self.max_new_tokens,
                 max_new_tokens_limit=self.max_new_tokens_limit,
                 batch_memory_mb=self.batch_memory_mb,
-                progress=_log_progress,
+                progress=_log_progress(self),
             )
 
         return self.models.get_or_load(spec or "default", load)
@@ -163,9 +175,51 @@ def _device_map_setting(raw: str | None) -> str | dict[str, Any] | None:
     return value
 
 
-def _log_progress(done: int, total: int) -> None:
-    """Sweep progress goes to logging: captured with the test, live with --log-cli-level=INFO."""
-    LOGGER.info("patchscope: %d/%d generated tokens (%.0f%%)", done, total, 100.0 * done / max(total, 1))
+PROGRESS_MODES = ("auto", "on", "off")
+
+
+def _progress_mode(config: pytest.Config) -> str:
+    """--patchscope-progress / ini patchscope_progress: auto, on or off."""
+    raw = setting(config, "patchscope_progress") or "auto"
+    if raw.strip().lower() not in PROGRESS_MODES:
+        raise pytest.UsageError(f"--patchscope-progress={raw!r} is not valid: auto, on or off.")
+    return raw.strip().lower()
+
+
+def _live_logging(config: pytest.Config) -> bool:
+    """Whether pytest logs live to the terminal (--log-cli-level, ini log_cli), by pytest's own rule."""
+    return config.getoption("log_cli_level", None) is not None or bool(config.getini("log_cli"))
+
+
+def _log_progress(session: PatchscopeSession) -> "ProgressCallback":
+    """A few INFO lines per job (start, each quarter or 30 s, end), in probes: captured with the test,
+    live with --log-cli-level=INFO; plus the live bar when the session shows one."""
+    config = session.config
+    log = ProgressLog(lambda message: LOGGER.info("%s", message))
+    mode = session.progress_mode
+    if mode == "off" or under_xdist_worker():
+        return log
+    if mode == "auto" and (not session.on_terminal or _live_logging(config)):
+        return log
+    capman = config.pluginmanager.getplugin("capturemanager")
+    suspended = capman.global_and_fixture_disabled if capman is not None else contextlib.nullcontext
+
+    def writer() -> Any:
+        """pytest's TerminalWriter (the width of its current line), or None with -p no:terminal."""
+        return config.get_terminal_writer() if config.pluginmanager.get_plugin("terminalreporter") is not None else None
+
+    bar = TerminalBar(session.terminal_stream, suspended, writer, session.on_terminal)
+    session.bars.append(bar)
+    both = combine(log, bar)
+    assert both is not None
+    return both
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> None:
+    """A bar cut short by an error in the test is erased before pytest writes the test's outcome."""
+    for bar in _session(item.config).bars:
+        bar.close()
 
 
 _SESSION_KEY = pytest.StashKey[PatchscopeSession]()
@@ -258,6 +312,11 @@ class PytestPatchscope:
         __tracebackhide__ = True
         return _user_facing(self.current.generate, *args, **self._session_models(kwargs))
 
+    def score(self, *args: Any, **kwargs: Any) -> "PatchResult":
+        """Patchscope.score on the test's model: candidates teacher-forced after the patched and the clean target."""
+        __tracebackhide__ = True
+        return _user_facing(self.current.score, *args, **self._session_models(kwargs))
+
     def run(self, *args: Any, **kwargs: Any) -> "list[PatchResult]":
         """Patchscope.run on the test's model."""
         __tracebackhide__ = True
@@ -317,5 +376,5 @@ def patchscope_model(pytestconfig: pytest.Config) -> "PatchscopeModel":
 
 @pytest.fixture(scope="session")
 def patchscope(pytestconfig: pytest.Config) -> PytestPatchscope:
-    """Patchscopes probes bound to the test's model: .generate(), .sweep(), .run(), .probe()."""
+    """Patchscopes probes bound to the test's model: .generate(), .score(), .sweep(), .run(), .probe()."""
     return PytestPatchscope(_session(pytestconfig))

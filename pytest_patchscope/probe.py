@@ -8,9 +8,10 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence, Union
 
+from .decoding import GREEDY, Decoding, check_decoding
 from .errors import ProbeConfigError
 from .sites import SiteLocation, locate_site
 
@@ -230,6 +231,19 @@ class Probe:
     source_model: Any = None
     """None (S runs on the target's model), a loaded PatchscopeModel or Patchscope, or a model spec
     (a checkpoint path, GGUF file or hub id) loaded once per process: the paper's M != M*."""
+    candidates: tuple[str, ...] = ()
+    """Answers to teacher-force after the patched (and the clean) target and score: see
+    `PatchResult.scores`. With candidates, max_new_tokens may be 0 (score only, generate nothing)."""
+    decoding: Decoding = GREEDY
+    """How the continuation is decoded: greedy (the default) or sampled, see `decoding.Decoding`."""
+
+    def __repr__(self) -> str:
+        """The probe as code, with the fields that differ from their defaults (for @example(...))."""
+        shown = [
+            f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
+            if f.name in ("source", "target", "layer") or getattr(self, f.name) != f.default
+        ]
+        return f"Probe({', '.join(shown)})"
 
     def identity(self) -> dict[str, Any]:
         """JSON-able identity of the probe without its layers (for baselines and reports).
@@ -257,6 +271,10 @@ class Probe:
             identity["units"] = list(self.units)
         if self.source_model is not None:
             identity["source_model"] = describe_source_model(self.source_model)
+        if self.candidates:
+            identity["candidates"] = list(self.candidates)
+        if self.decoding != GREEDY:
+            identity["decoding"] = self.decoding.changed()
         if identity["mapping"] is None:
             identity["unstable_mapping"] = mapping_name(self.mapping)
         return identity
@@ -275,6 +293,8 @@ class Probe:
             extra += f", f={mapping_name(self.mapping)}"
         if self.strength != 1.0:
             extra += f", strength={self.strength}"
+        if self.decoding != GREEDY:
+            extra += ", " + ", ".join(f"{name}={value!r}" for name, value in self.decoding.changed().items())
         return (
             f"(S={self.source!r}, i={describe_position(self.source_position)}, l={self.layer}) -> "
             f"(T={target}, i*={describe_position(self.target_position)}, "
@@ -368,6 +388,8 @@ class ResolvedProbe:
     units: tuple[int, ...] | None = None
     source_model: "PatchscopeModel | None" = None
     """The model S runs on when it is not the target's (None: the target's own)."""
+    candidate_ids: tuple[tuple[int, ...], ...] = ()
+    """Each candidate's tokens as a continuation of the target (see `candidate_tokens`)."""
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -414,10 +436,15 @@ def position_limit(model: "PatchscopeModel") -> int | None:
     return limit if isinstance(limit, int) and limit > 0 else None
 
 
-def _check_max_new_tokens(value: Any, target_ids: tuple[int, ...], model: "PatchscopeModel", limit: int | None) -> None:
-    """max_new_tokens within the settings' bound and the room the position limit leaves after T."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ProbeConfigError("max_new_tokens", value, "an int >= 1")
+def _check_max_new_tokens(
+    value: Any, target_ids: tuple[int, ...], model: "PatchscopeModel", limit: int | None, scoring: bool = False
+) -> None:
+    """max_new_tokens within the settings' bound and the room the position limit leaves after T
+    (0 is allowed when the probe scores candidates: it then only scores)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if scoring else 1):
+        if value == 0:
+            raise ProbeConfigError("max_new_tokens", value, "an int >= 1", "max_new_tokens=0 (score only) needs candidates=[...].")
+        raise ProbeConfigError("max_new_tokens", value, "an int >= 0 with candidates" if scoring else "an int >= 1")
     if limit is not None and value > limit:
         raise ProbeConfigError(
             "max_new_tokens", value, f"an int from 1 to {limit} (the max_new_tokens_limit setting)",
@@ -447,7 +474,17 @@ def resolve_probe(probe: Probe, model: "PatchscopeModel", *, max_new_tokens_limi
     target_ids = _check_prompt("target", probe.target, model)
     layer = _check_layer("layer", probe.layer, on_source.n_layers)
     target_layer = layer if probe.target_layer is None else _check_layer("target_layer", probe.target_layer, model.n_layers)
-    _check_max_new_tokens(probe.max_new_tokens, target_ids, model, max_new_tokens_limit)
+    candidate_ids = candidate_tokens(probe.candidates, probe.target, target_ids, model)
+    _check_max_new_tokens(probe.max_new_tokens, target_ids, model, max_new_tokens_limit, scoring=bool(candidate_ids))
+    longest = max((len(ids) for ids in candidate_ids), default=0)
+    positions = position_limit(model)
+    if positions is not None and len(target_ids) + longest > positions:
+        raise ProbeConfigError(
+            "candidates", list(probe.candidates),
+            f"candidates of at most {positions - len(target_ids)} tokens: the target has {len(target_ids)} "
+            f"tokens and the model's position limit is {positions}",
+        )
+    check_decoding(probe.decoding)
     strength = finite_real(probe.strength)
     if strength is None or abs(strength) > MAX_STRENGTH:
         raise ProbeConfigError(
@@ -487,7 +524,48 @@ def resolve_probe(probe: Probe, model: "PatchscopeModel", *, max_new_tokens_limi
         location=location,
         units=units,
         source_model=source_model,
+        candidate_ids=candidate_ids,
     )
+
+
+def candidate_tokens(candidates: Any, target: str, target_ids: tuple[int, ...], model: "PatchscopeModel") -> tuple[tuple[int, ...], ...]:
+    """Each candidate's tokens as the continuation of `target`, checked.
+
+    A candidate that starts with no whitespace after a target that ends with none is scored as
+    " " + candidate, the way a word follows a prompt ("is" -> " Paris"). Its tokens are those of
+    target + continuation past the target's own (so a merge at the seam is what the model would
+    see), or the continuation tokenized alone where the target's tokens do not survive the join.
+    """
+    allowed = "a non-empty list of distinct strings, each with a non-space character"
+    if isinstance(candidates, (str, bytes)) or not isinstance(candidates, (list, tuple)):
+        raise ProbeConfigError("candidates", candidates, allowed, "Use candidates=[...] for one answer.")
+    if not candidates:
+        return ()
+    special = set(model.tokenizer.all_special_ids)
+    seen: dict[tuple[int, ...], str] = {}
+    for candidate in candidates:
+        if not isinstance(candidate, str) or not candidate.strip():
+            raise ProbeConfigError("candidates", list(candidates), f"{allowed}; {candidate!r} is not")
+        if list(candidates).count(candidate) > 1:
+            raise ProbeConfigError("candidates", list(candidates), f"{allowed}; {candidate!r} appears more than once")
+        continuation = candidate if candidate[0].isspace() or target[-1:].isspace() else " " + candidate
+        joined = model.tokenize(target + continuation)
+        if tuple(joined[: len(target_ids)]) == target_ids:
+            ids = tuple(joined[len(target_ids):])
+        else:
+            ids = tuple(model.tokenizer(continuation, add_special_tokens=False)["input_ids"])
+        ids = tuple(i for i in ids if i not in special)
+        if not model.decode(list(ids)).strip():
+            raise ProbeConfigError(
+                "candidates", list(candidates), f"{allowed}; {candidate!r} tokenizes to nothing but special tokens and spaces"
+            )
+        if ids in seen:
+            raise ProbeConfigError(
+                "candidates", list(candidates),
+                f"{allowed} as tokens; {seen[ids]!r} and {candidate!r} are both scored as the tokens {list(ids)}",
+            )
+        seen[ids] = candidate
+    return tuple(seen)
 
 
 def describe_source_model(value: Any) -> str:

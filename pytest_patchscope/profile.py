@@ -24,6 +24,14 @@ class LayerCell:
     """Rank of that token among all tokens at the first generated step (0 = greedy choice)."""
     unit: int | None = None
     """The one unit (head) this cell patched, in a (layer x head) profile; None otherwise."""
+    margin: float | None = None
+    """With candidates: the expected candidate's log-probability minus the best other one's
+    (> 0: the patched model prefers the expected answer); None for a sweep without candidates."""
+    candidate_logprobs: dict[str, float] | None = None
+    """With candidates: each candidate's summed log-probability after the patched prompt."""
+    degenerate: str | None = None
+    """Why ``text`` looks degenerate (a repeated n-gram or token), so that "the model rambled" reads
+    differently from "the fact is gone"; None for ordinary text."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,10 @@ class LocalizationProfile:
     because its layer indices would not mean the same thing."""
     dtype: str = ""
     """The dtype the model ran in ("float32", "bfloat16", "float16"; "" when not recorded)."""
+    candidates: tuple[str, ...] = ()
+    """The candidates scored in every cell (``expect`` is one of them); () for a sweep without."""
+    clean_candidate_logprobs: dict[str, float] | None = None
+    """Each candidate's summed log-probability after the clean target (None when not scored)."""
 
     # ---- derived views -------------------------------------------------------------
     @property
@@ -116,22 +128,28 @@ class LocalizationProfile:
             + (f", site={p['site']}" if "site" in p else "")
             + (f", units={p['units']}" if "units" in p else "")
             + (f", expect={self.expect!r}" if self.expect is not None else "")
+            + (f", candidates={list(self.candidates)}" if self.candidates else "")
         )
 
     def table(self, max_text: int = 40) -> str:
         """A fixed-width table for the terminal: one row per cell."""
         unit = self.per_unit
-        header = f"{'l':>3} {'l*':>3} " + (f"{'head':>4} " if unit else "") + f"{'hit':>3} {'logprob':>8} {'rank':>6}  text"
+        margins = any(c.margin is not None for c in self.cells)
+        header = (
+            f"{'l':>3} {'l*':>3} " + (f"{'head':>4} " if unit else "") + f"{'hit':>3} {'logprob':>8} {'rank':>6} "
+            + (f"{'margin':>7} " if margins else "") + " text"
+        )
         rows = [self.describe(), header]
         for c in sorted(self.cells, key=lambda c: (c.layer, c.target_layer, -1 if c.unit is None else c.unit)):
             hit = "" if c.hit is None else ("yes" if c.hit else "-")
             lp = "" if c.logprob is None else f"{c.logprob:8.3f}"
             rank = "" if c.rank is None else str(c.rank)
-            text = c.text.replace("\n", "\\n")
+            text = ("(degenerate) " if c.degenerate else "") + c.text.replace("\n", "\\n")
             if len(text) > max_text:
                 text = text[: max_text - 1] + "…"
             head = f"{c.unit:>4} " if unit else ""
-            rows.append(f"{c.layer:>3} {c.target_layer:>3} {head}{hit:>3} {lp:>8} {rank:>6}  {text!s}")
+            margin = (f"{c.margin:7.3f} " if c.margin is not None else " " * 8) if margins else ""
+            rows.append(f"{c.layer:>3} {c.target_layer:>3} {head}{hit:>3} {lp:>8} {rank:>6} {margin} {text!s}")
         return "\n".join(rows)
 
     # ---- plain-data round trip (used by serializers and xdist) -----------------------
@@ -153,4 +171,6 @@ class LocalizationProfile:
             grid=bool(data.get("grid", False)),
             architecture=dict(data.get("architecture", {})),
             dtype=str(data.get("dtype", "")),
+            candidates=tuple(data.get("candidates", ())),
+            clean_candidate_logprobs=data.get("clean_candidate_logprobs"),
         )

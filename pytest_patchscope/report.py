@@ -12,7 +12,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -21,7 +21,7 @@ from .baseline.render import hit_mark, side_by_side
 from .baseline.serializer import round_logprob
 from .errors import ReportError
 from .fileio import atomic_write
-from .profile import LocalizationProfile
+from .profile import LayerCell, LocalizationProfile
 
 RECORDED = "recorded"
 """Status of a profile added without a comparison (no baseline was consulted)."""
@@ -89,6 +89,11 @@ class SessionSummary:
         """Add another summary's records, e.g. ``node.workeroutput[...]`` from an xdist worker."""
         incoming = other if isinstance(other, SessionSummary) else SessionSummary.from_dict(other)
         self._records.extend(incoming.records)
+
+    def added_since(self, count: int) -> list[ProbeRecord]:
+        """The records added after the first ``count`` ones, in the order they were added (for
+        attaching a test's new records to its report)."""
+        return self._records[count:]
 
     @property
     def records(self) -> list[ProbeRecord]:
@@ -167,7 +172,34 @@ def render_terminal_summary(summary: SessionSummary) -> list[str]:
 
 
 # ---- JSON and Markdown ---------------------------------------------------------------------
-def _side_facts(profile: LocalizationProfile | None) -> dict[str, Any] | None:
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float (a -inf log-probability) as None, so the JSON stays strict."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+def cell_dict(cell: LayerCell) -> dict[str, Any]:
+    """Every field of a LayerCell as plain JSON data (``LayerCell(**cell_dict(c)) == c`` for finite scores).
+
+    Scores are not rounded (the baseline file rounds them; a report is not diffed); a score that is
+    not finite is None.
+    """
+    return {name: _finite(value) for name, value in asdict(cell).items()}
+
+
+def sorted_cells(profile: LocalizationProfile) -> list[LayerCell]:
+    """The profile's cells in the order reports list them: by layer, target layer, then unit."""
+    return sorted(profile.cells, key=lambda c: (c.layer, c.target_layer, -1 if c.unit is None else c.unit))
+
+
+def profile_facts(profile: LocalizationProfile | None) -> dict[str, Any] | None:
+    """One side of a probe in a report: the summary figures, then everything needed to redraw its
+    heatmap (every cell, the clean continuation, the candidates and their clean scores)."""
     if profile is None:
         return None
     peak = profile.peak_cell
@@ -180,6 +212,13 @@ def _side_facts(profile: LocalizationProfile | None) -> dict[str, Any] | None:
         "peak_layer": profile.peak_layer,
         "peak_target_layer": None if peak is None else peak.target_layer,
         "peak_logprob": None if peak is None else round_logprob(peak.logprob),
+        "grid": profile.grid,
+        "per_unit": profile.per_unit,
+        "expect": profile.expect,
+        "clean_text": profile.clean_text,
+        "candidates": list(profile.candidates),
+        "clean_candidate_logprobs": _finite(profile.clean_candidate_logprobs),
+        "cells": [cell_dict(c) for c in sorted_cells(profile)],
     }
 
 
@@ -194,7 +233,9 @@ def _write(path: str | os.PathLike[str], data: str | bytes) -> Path:
 
 
 def write_json_report(path: str | os.PathLike[str], summary: SessionSummary) -> Path:
-    """Machine-readable report for CI: counts, then per probe its status, reasons and hit layers."""
+    """Machine-readable report for CI: counts, then per probe its status, reasons, hit layers, and each
+    side's cells, so that a dashboard can redraw any heatmap from this file alone (see
+    :func:`profile_facts`). Version 2 readers keep working: the cells and texts are added keys."""
     probes = []
     for r in summary.records:
         c = r.comparison
@@ -213,8 +254,8 @@ def write_json_report(path: str | os.PathLike[str], summary: SessionSummary) -> 
                 "lost_layers": c.lost_layers if c else [],
                 "gained_layers": c.gained_layers if c else [],
                 "score_drop": round_logprob(c.score_drop) if c else None,
-                "baseline": _side_facts(c.baseline if c else None),
-                "current": _side_facts(r.profile),
+                "baseline": profile_facts(c.baseline if c else None),
+                "current": profile_facts(r.profile),
             }
         )
     document = {

@@ -11,12 +11,15 @@ import re
 from typing import Any, Callable, Iterable, Sequence
 
 from .assertions import describe_failure
-from .engine import DEFAULT_BATCH_MEMORY_MB, DEFAULT_MAX_NEW_TOKENS_LIMIT, Engine, PatchResult, ProgressCallback, run_probes
+from .decoding import Decoding
+from .engine import DEFAULT_BATCH_MEMORY_MB, DEFAULT_MAX_NEW_TOKENS_LIMIT, Engine, ProgressCallback, run_probes
 from .errors import ProbeConfigError, warn_at_caller
 from .models import PatchscopeModel, load_model
 from .presets import Preset
 from .probe import Mapping, Positions, Probe, finite_real
 from .profile import LayerCell, LocalizationProfile
+from .progress import ProgressSetting, resolve_progress
+from .results import PatchResult
 from .sites import DEFAULT_SITE, locate_site
 
 DEFAULT_MAX_NEW_TOKENS = 20
@@ -63,6 +66,17 @@ def _layer_list(field_name: str, layers: Any, n_layers: int) -> list[int]:
     return values
 
 
+def _candidates_tuple(candidates: Any) -> Any:
+    """A list of candidates as the tuple a Probe holds (None: none); anything else for resolve_probe to refuse."""
+    if candidates is None:
+        return ()
+    if isinstance(candidates, (list, tuple)):
+        if not candidates:
+            raise ProbeConfigError("candidates", candidates, "None, or a non-empty list of distinct strings")
+        return tuple(candidates)
+    return candidates
+
+
 def _units_tuple(units: Any) -> Any:
     """A list or range of units as the tuple a Probe holds; anything else unchanged, for resolve_probe to refuse."""
     return tuple(units) if isinstance(units, (list, tuple, range)) else units
@@ -74,7 +88,9 @@ class Patchscope:
     `max_new_tokens` is the default budget of every probe and `max_new_tokens_limit` the most any
     probe may ask for (a sanity bound: a typo such as 10**7 fails at once instead of running for
     days); `batch_memory_mb` bounds the memory of one batch (larger sweeps run in chunks);
-    `progress(done, total)` is told how far a run is.
+    `progress` shows how far each run is: "auto" (the default) draws a live bar on stderr when it is
+    a terminal and not on an xdist worker, True always, False never, and a callable
+    `progress(done, total)` is told the probes done of the run's total instead.
     """
 
     def __init__(
@@ -84,7 +100,7 @@ class Patchscope:
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT,
         batch_memory_mb: float = DEFAULT_BATCH_MEMORY_MB,
-        progress: ProgressCallback | None = None,
+        progress: ProgressSetting = "auto",
     ) -> None:
         if isinstance(max_new_tokens_limit, bool) or not isinstance(max_new_tokens_limit, int) or max_new_tokens_limit < 1:
             raise ProbeConfigError("max_new_tokens_limit", max_new_tokens_limit, "an int >= 1")
@@ -104,11 +120,10 @@ class Patchscope:
         memory = finite_real(batch_memory_mb)
         if memory is None or not memory > 0:
             raise ProbeConfigError("batch_memory_mb", batch_memory_mb, "a finite number of megabytes > 0")
-        if progress is not None and not callable(progress):
-            raise ProbeConfigError("progress", progress, "None or a callable progress(done, total)")
+        callback = resolve_progress(progress)
         self.model = model
         self.max_new_tokens = max_new_tokens
-        self.progress = progress
+        self.progress: ProgressCallback | None = callback
         self.engine = Engine(model, batch_memory_mb=memory, max_new_tokens_limit=max_new_tokens_limit)
 
     @classmethod
@@ -128,7 +143,8 @@ class Patchscope:
         `dtype` is 'auto' (the checkpoint's own on a GPU, float32 on a CPU), 'float32', 'bfloat16' or
         'float16' (or the torch dtype); `device_map="auto"` spreads a model too big for one device
         over several, through accelerate. `trust_remote_code=True` lets a checkpoint's own Python
-        files run. See `load_model`.
+        files run. See `load_model`. Other keywords go to `Patchscope(...)`: `progress="auto"` (the
+        default) shows a live bar of long sweeps when stderr is a terminal, `progress=False` hides it.
         """
         loaded = load_model(model, device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
         return cls(loaded, **kwargs)
@@ -150,6 +166,15 @@ class Patchscope:
         site: str = DEFAULT_SITE,
         units: Sequence[int] | None = None,
         source_model: Any = None,
+        candidates: Sequence[str] | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int | None = None,
+        seed: int = 0,
+        n_samples: int = 1,
+        repetition_penalty: float = 1.0,
+        no_repeat_ngram_size: int = 0,
     ) -> Probe:
         """A Probe with presets and defaults filled in (target_position None = -1 or the preset's).
 
@@ -158,6 +183,10 @@ class Patchscope:
         of the site's first axis (checked when the probe runs). `source_model` runs S on another
         model (a PatchscopeModel, a Patchscope or a checkpoint spec): the paper's M != M*, with a
         `mapping` from its width to this model's (e.g. AffineMapping.fit on states of both).
+        `candidates` are answers scored after the patched and the clean target (see `score`).
+        Decoding is greedy unless `do_sample`: then `temperature`, `top_k`, `top_p` shape the
+        distribution and sample k of `n_samples` draws from its own generator seeded `seed + k`;
+        `repetition_penalty` and `no_repeat_ngram_size` act as in HF `generate`.
 
         A PatchscopeWarning says when a plain target's placeholder-like x would go unpatched.
         """
@@ -190,6 +219,11 @@ class Patchscope:
             site=site,
             units=_units_tuple(units),
             source_model=source_model,
+            candidates=_candidates_tuple(candidates),
+            decoding=Decoding(
+                do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, n_samples=n_samples,
+                repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+            ),
         )
 
     # ---- running -------------------------------------------------------------------------------
@@ -209,13 +243,42 @@ class Patchscope:
         site: str = DEFAULT_SITE,
         units: Sequence[int] | None = None,
         source_model: Any = None,
+        **decoding: Any,
     ) -> PatchResult:
-        """Patch the site's value at (S, i, l) into T at (i*, l*) and generate greedily; the clean
-        continuation comes too."""
+        """Patch the site's value at (S, i, l) into T at (i*, l*) and generate (greedily, unless
+        `do_sample=True`: see `probe` for the decoding settings); the clean continuation comes too."""
         probe = self.probe(
             source, target, layer=layer, target_layer=target_layer, source_position=source_position,
             target_position=_default_target_position(target, target_position), mapping=mapping, strength=strength,
-            max_new_tokens=max_new_tokens, stop=stop, site=site, units=units, source_model=source_model,
+            max_new_tokens=max_new_tokens, stop=stop, site=site, units=units, source_model=source_model, **decoding,
+        )
+        return self.run([probe])[0]
+
+    def score(
+        self,
+        source: str,
+        target: str | Preset,
+        candidates: Sequence[str],
+        *,
+        layer: int,
+        max_new_tokens: int = 0,
+        **probe_kwargs: Any,
+    ) -> PatchResult:
+        """Teacher-force each candidate after the patched target, and after the clean one.
+
+        `result.scores[c]` has `.logprob` (summed over c's tokens), `.mean_logprob` and `.rank` (of
+        its first token); `result.clean_scores[c]` the same for the clean target. A candidate with
+        no leading space after a target that ends without one is scored as " " + c. All candidates
+        share the probe's patched prompt pass and its keys/values. `max_new_tokens` > 0 also
+        generates (result.text); other keywords are those of `probe`.
+        """
+        if isinstance(candidates, (list, tuple)) and not candidates:
+            raise ProbeConfigError(
+                "candidates", candidates, "a non-empty list of distinct strings", "Pass the answers to score, e.g. candidates=['Paris', 'London']."
+            )
+        probe = self.probe(
+            source, target, layer=layer, max_new_tokens=max_new_tokens, candidates=candidates,
+            target_position=_default_target_position(target, probe_kwargs.pop("target_position", None)), **probe_kwargs,
         )
         return self.run([probe])[0]
 
@@ -276,6 +339,7 @@ class Patchscope:
         expect: str | None = None,
         clean: bool = True,
         units: Sequence[int] | str | None = None,
+        candidates: Sequence[str] | None = None,
         **generate_kwargs: Any,
     ) -> LocalizationProfile:
         """One probe per source layer (target_layers None/"same": l* = l, or the preset's rule),
@@ -283,12 +347,23 @@ class Patchscope:
 
         `units="each"` with `site="heads"` runs one probe per head at every layer instead: a
         (layer x head) profile, each cell writing that head alone. `clean=False` skips the
-        unpatched continuation (one row fewer; `clean_text` is then None)."""
+        unpatched continuation (one row fewer; `clean_text` is then None).
+
+        With `candidates`, every cell scores them (see `score`) and carries the margin of the
+        expected one (`expect`, default the first candidate) over the best other; a cell is a hit
+        when that margin is > 0, and its logprob/rank are the expected candidate's.
+        `max_new_tokens=0` then scores without generating."""
         for forbidden in ("layer", "target_layer"):
             if forbidden in generate_kwargs:
                 raise ProbeConfigError(forbidden, generate_kwargs[forbidden], "not given to sweep()", "Use layers=/target_layers= instead.")
         if expect is not None and (not isinstance(expect, str) or not expect.strip()):
             raise ProbeConfigError("expect", expect, "None or a non-empty string")
+        scored = _candidates_tuple(candidates)
+        if scored and isinstance(scored, tuple):
+            if expect is None:
+                expect = scored[0]
+            elif expect not in scored:
+                raise ProbeConfigError("expect", expect, f"one of the candidates {list(scored)} (the answer whose margin is kept)")
         if not isinstance(clean, bool):
             raise ProbeConfigError("clean", clean, "True or False")
         source_layers = _layer_list("layers", layers, self.model.n_layers)
@@ -314,11 +389,11 @@ class Patchscope:
                 raise ProbeConfigError("units", units, '"each" with target_layers None or "same" (a layer x head profile)')
             each = [(head,) for head in range(locate_site(self.model, "heads").n_units)]
         probes = [
-            self.probe(source, target, layer=source_layer, target_layer=t, units=unit, **generate_kwargs)
+            self.probe(source, target, layer=source_layer, target_layer=t, units=unit, candidates=candidates, **generate_kwargs)
             for source_layer, t in pairs
             for unit in each
         ]
-        score_ids = self.expected_token_ids(expect) if expect is not None else ()
+        score_ids = self.expected_token_ids(expect) if expect is not None and not scored else ()
         results = run_probes(self.engine, probes, score_ids=[score_ids] * len(probes), progress=self.progress, clean=clean)
         return self.profile_from_results(results, expect=expect, grid=grid, per_unit=units == "each")
 
@@ -327,22 +402,38 @@ class Patchscope:
     ) -> LocalizationProfile:
         """Fold sweep results into a LocalizationProfile.
 
-        A cell's logprob/rank are those of the best-scoring candidate first token of `expect` (see
-        `expected_token_ids`: every case and leading-space variant the case-insensitive hit test
-        accepts), so "paris" and "Paris" score alike.
+        Without candidates, a cell's logprob/rank are those of the best-scoring first token of
+        `expect` (see `expected_token_ids`: every case and leading-space variant the case-insensitive
+        hit test accepts), so "paris" and "Paris" score alike. With candidates they are the expected
+        candidate's, and the cell keeps its margin over the best other candidate.
         """
         cells = []
         for result in results:
-            best = max(result.scores.values(), default=None, key=lambda s: s[0])
+            logprob: float | None
+            rank: int | None
+            if result.scores:
+                expected = result.scores[expect] if expect in result.scores else next(iter(result.scores.values()))
+                others = [s.logprob for c, s in result.scores.items() if c != expected.candidate]
+                margin = expected.logprob - max(others) if others else None
+                logprob, rank = expected.logprob, expected.rank
+                hit = None if margin is None else margin > 0
+            else:
+                best = max(result.first_token_scores.values(), default=None, key=lambda s: s[0])
+                logprob, rank = (None, None) if best is None else best
+                margin = None
+                hit = None if expect is None else expect.lower() in result.text.lower()
             cells.append(
                 LayerCell(
                     layer=result.resolved.layer,
                     target_layer=result.resolved.target_layer,
                     text=result.text,
-                    hit=None if expect is None else expect.lower() in result.text.lower(),
-                    logprob=None if best is None else round(best[0], 6),
-                    rank=None if best is None else best[1],
+                    hit=hit,
+                    logprob=None if logprob is None else round(logprob, 6),
+                    rank=rank,
                     unit=result.probe.units[0] if per_unit and result.probe.units else None,
+                    margin=None if margin is None else round(margin, 6),
+                    candidate_logprobs={c: round(s.logprob, 6) for c, s in result.scores.items()} or None,
+                    degenerate=result.degenerate,
                 )
             )
         identity = results[0].probe.identity()
@@ -362,4 +453,8 @@ class Patchscope:
                 "vocab_size": int(self.model.hf.config.vocab_size),
             },
             dtype=self.model.dtype,
+            candidates=tuple(results[0].probe.candidates),
+            clean_candidate_logprobs=(
+                {c: round(s.logprob, 6) for c, s in clean.items()} if (clean := results[0].clean_scores) else None
+            ),
         )

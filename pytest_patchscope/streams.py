@@ -71,10 +71,15 @@ class StreamPlan:
 
     `groups[r]` names what row r has seen so far (its target and generated tokens); rows of one group
     share a stream at stage j unless r's patch reaches stage j (`branch_stages[r] <= j`: a patch after
-    block l reaches stage l + 1, one inside block l reaches stage l).
+    block l reaches stage l + 1, one inside block l reaches stage l). From there on, r shares only
+    with rows of the same group that carry the same patch: those whose `roots` entry is r's (a
+    probe's samples and candidates, rooted at the probe's own row).
     """
 
-    def __init__(self, rows: Sequence[int], groups: Sequence[int], branch_stages: Sequence[int | None], n_layers: int) -> None:
+    def __init__(
+        self, rows: Sequence[int], groups: Sequence[int], branch_stages: Sequence[int | None], n_layers: int,
+        roots: Sequence[int] | None = None,
+    ) -> None:
         self.rows = list(rows)
         self.stream_of: list[dict[int, int]] = []
         self.reps: list[list[int]] = []  # a representative row of every stream
@@ -84,12 +89,13 @@ class StreamPlan:
                 self.stream_of.append(self.stream_of[-1])
                 self.reps.append(self.reps[-1])
                 continue
-            streams: dict[int, int] = {}
+            streams: dict[Any, int] = {}
             of: dict[int, int] = {}
             reps: list[int] = []
             for r in self.rows:
                 branch = branch_stages[r]
-                key = -1 - r if branch is not None and branch <= stage else groups[r]
+                patched = branch is not None and branch <= stage
+                key: Any = ("patched", r if roots is None else roots[r], groups[r]) if patched else groups[r]
                 if key not in streams:
                     streams[key] = len(reps)
                     reps.append(r)
@@ -392,8 +398,11 @@ def forward_opening(
     states: dict[Any, dict[int, Any]],
     patches: Sequence[Patch] = (),
     locations: Sequence[SiteLocation] = (),
+    layer_done: Callable[[int], None] | None = None,
 ) -> tuple["torch.Tensor | None", list[LayerKV], dict[int, int]]:
     """The opening pass: every segment and every stream's span, packed, in one pass of the plain twin.
+
+    `layer_done(j)` is told as each layer finishes (a long opening pass still shows progress).
 
     Fills `states[key][layer]` for `captures` ({(layer, site name): [(key, segment, token index)]})
     and writes the patches; `locations` are the sites they use. Returns the last-span-token logits
@@ -478,6 +487,8 @@ def forward_opening(
             keep = hidden.flatten(0, 1).index_select(0, last.to(hidden.device))
             padding = (-len(last)) % first.width
             hidden = torch.cat([keep, keep[:1].expand(padding, -1)]).view(-1, first.width, keep.shape[-1])
+        if layer_done is not None:
+            layer_done(layer_index)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     def inside(layer_index: int, location: SiteLocation, module: Any, args: tuple, output: Any = None) -> Any:
@@ -512,7 +523,8 @@ def forward_opening(
             handle.remove()
     if not plan.reps[-1]:
         return None, stores, written
-    return model.plain.get_output_embeddings()(hidden.flatten(0, 1)[: len(last)]), stores, written
+    logits = architecture.final_logits(model.plain.get_output_embeddings()(hidden.flatten(0, 1)[: len(last)]))
+    return logits, stores, written
 
 
 def forward_streams(

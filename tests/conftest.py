@@ -114,12 +114,64 @@ def expected(reference, result, eos: int = 2) -> tuple[list[int], list[int]]:
     """The reference's (patched, clean) greedy tokens for one engine result's resolved probe: any
     site, units, strength and list of positions (one source value per target token, or one for all)."""
     rp = result.resolved
-    site = rp.location.site.name
-    vectors = [ref.source_state(reference, list(rp.source_ids), index, rp.layer, site) for index in rp.source_indices]
     args = (list(rp.target_ids), list(rp.target_indices), rp.target_layer)
     patched = ref.patched_generate(
-        reference, *args, vectors if len(vectors) > 1 else vectors[0], rp.probe.max_new_tokens,
-        strength=rp.probe.strength, eos=eos, site=site, units=rp.units,
+        reference, *args, reference_vectors(reference, rp), rp.probe.max_new_tokens,
+        strength=rp.probe.strength, eos=eos, site=rp.location.site.name, units=rp.units,
     )
     clean = ref.patched_generate(reference, *args, None, rp.probe.max_new_tokens, eos=eos)
     return patched, clean
+
+
+def reference_vectors(reference, rp):
+    """The reference's source values for a resolved probe: one tensor, or a list of one per target token."""
+    site = rp.location.site.name
+    vectors = [ref.source_state(reference, list(rp.source_ids), index, rp.layer, site) for index in rp.source_indices]
+    return vectors if len(vectors) > 1 else vectors[0]
+
+
+def expected_scores(reference, result) -> tuple[dict, dict]:
+    """The reference's (patched, clean) {candidate: (per-token logprobs, first-token rank)} for a result."""
+    rp = result.resolved
+    args = (list(rp.target_ids), list(rp.target_indices), rp.target_layer)
+    vector = reference_vectors(reference, rp)
+    site = rp.location.site.name
+    patched, clean = {}, {}
+    for candidate, ids in zip(rp.probe.candidates, rp.candidate_ids):
+        patched[candidate] = ref.candidate_logprobs(reference, *args, vector, ids, strength=rp.probe.strength, site=site, units=rp.units)
+        clean[candidate] = ref.candidate_logprobs(reference, *args, None, ids)
+    return patched, clean
+
+
+def expected_samples(reference, result, eos: int = 2) -> tuple[list[list[int]], list[list[int]]]:
+    """The reference's (patched, clean) token lists, one per sample, drawn by HF generate with seed + k."""
+    rp = result.resolved
+    decoding = rp.probe.decoding
+    settings = {
+        "do_sample": decoding.do_sample, "repetition_penalty": decoding.repetition_penalty,
+        "no_repeat_ngram_size": decoding.no_repeat_ngram_size,
+    }
+    if decoding.do_sample:
+        settings.update(temperature=decoding.temperature, top_p=decoding.top_p, top_k=decoding.top_k or 0)
+    args = (list(rp.target_ids), list(rp.target_indices), rp.target_layer)
+    vector = reference_vectors(reference, rp)
+    site = rp.location.site.name
+    patched, clean = [], []
+    if rp.probe.max_new_tokens == 0:  # scored only: nothing generated
+        return [[]], [[]]
+    for k in range(decoding.n_samples):
+        seed = decoding.seed + k if decoding.do_sample else None
+        patched.append(ref.patched_generate(
+            reference, *args, vector, rp.probe.max_new_tokens, strength=rp.probe.strength, eos=eos, site=site,
+            units=rp.units, seed=seed, **settings,
+        ))
+        clean.append(ref.patched_generate(reference, *args, None, rp.probe.max_new_tokens, eos=eos, seed=seed, **settings))
+    return patched, clean
+
+
+def synthetic_project(pytester, suite: str):
+    """A checkout (a pyproject.toml) with `suite` as tests/test_facts.py, for pytester runs of the gate."""
+    (pytester.path / "pyproject.toml").write_text("[project]\nname = 'demo'\n")
+    tests = pytester.mkpydir("tests")
+    (tests / "test_facts.py").write_text(suite)
+    return pytester.path

@@ -4,7 +4,9 @@ It shares no code with pytest_patchscope: a fresh (unbridged) HF model, `registe
 on the decoder layers (or on the submodules named in SUBMODULES, written out here per family
 rather than read from TransformerLens as the engine does), the whole target prompt in one pass
 and `model.generate` for decoding, patching only the prompt pass (more than one token), as in the
-paper's official code.
+paper's official code. Sampling is `model.generate(do_sample=True)` after `torch.manual_seed`, with
+HF's own logits processors; candidates are scored by one full forward of target + candidate (no
+cache at all), the patch written into the target's tokens.
 """
 from __future__ import annotations
 
@@ -109,14 +111,11 @@ def source_state(model, source_ids, source_index, layer, site="resid_post"):
     return store["h"]
 
 
-def patched_generate(
-    model, target_ids, target_index, target_layer, vector, max_new_tokens, strength=1.0, eos=None, site="resid_post", units=None
-):
-    """Greedy continuation (new token ids) of `target_ids` with the prompt pass patched.
-
-    `target_index` may be a list, with `vector` one tensor for all of them or a list of one per index;
-    `units` are indices of the site's first axis (heads for "heads"); only they are written.
-    """
+def _patch_hook(model, target_index, target_layer, vector, strength, site, units):
+    """The hook writing `vector` at the target's `target_index` (a list: pairwise or one for all)
+    in passes of more than one token; None when vector is None (a clean run)."""
+    if vector is None:
+        return None
     indices = list(target_index) if isinstance(target_index, (list, tuple)) else [target_index]
     vectors = list(vector) if isinstance(vector, (list, tuple)) else [vector] * len(indices)
 
@@ -133,19 +132,36 @@ def patched_generate(
                 flat[index] = patched.reshape(-1)
         return flat
 
-    handle = None
-    if vector is not None:
-        handle = _hook(model, target_layer, site, write)
+    return _hook(model, target_layer, site, write)
+
+
+def patched_generate(
+    model, target_ids, target_index, target_layer, vector, max_new_tokens, strength=1.0, eos=None, site="resid_post", units=None,
+    seed=None, **generation,
+):
+    """Greedy continuation (new token ids) of `target_ids` with the prompt pass patched.
+
+    `target_index` may be a list, with `vector` one tensor for all of them or a list of one per index;
+    `units` are indices of the site's first axis (heads for "heads"); only they are written.
+    `generation` goes to `model.generate` (do_sample, temperature, top_k, top_p,
+    repetition_penalty, no_repeat_ngram_size); `seed` seeds torch's global generator first.
+    """
+    settings = {"do_sample": False, **generation}
+    if settings["do_sample"]:
+        settings = {"top_k": 0, "top_p": 1.0, "temperature": 1.0, **settings}  # HF's defaults would cut at top_k=50
+    handle = _patch_hook(model, target_index, target_layer, vector, strength, site, units)
     try:
         with torch.no_grad():
             ids = torch.tensor([target_ids])
+            if seed is not None:
+                torch.manual_seed(seed)
             out = model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
                 eos_token_id=eos,
                 pad_token_id=0,
+                **settings,
             )
     finally:
         if handle is not None:
@@ -169,3 +185,24 @@ def patched_next_token_logits(model, target_ids, target_index, target_layer, vec
             return model(torch.tensor([target_ids])).logits[0, -1]
     finally:
         handle.remove()
+
+
+def candidate_logprobs(
+    model, target_ids, target_index, target_layer, vector, candidate_ids, strength=1.0, site="resid_post", units=None, tie=1e-5
+):
+    """Per-token log-probabilities of `candidate_ids` after the (patched) target: one forward of
+    target + candidate, no cache, the patch written into the target's tokens. The first token's
+    rank comes as a (low, high) band: the ranks it has if tokens within `tie` nats count either way
+    (a random tiny model's near-flat distribution has ties at float precision)."""
+    handle = _patch_hook(model, target_index, target_layer, vector, strength, site, units)
+    try:
+        with torch.no_grad():
+            ids = torch.tensor([list(target_ids) + list(candidate_ids)])
+            logits = model(ids).logits[0].float()
+    finally:
+        if handle is not None:
+            handle.remove()
+    logprobs = torch.log_softmax(logits[len(target_ids) - 1: -1], dim=-1)
+    values = [float(logprobs[k, token]) for k, token in enumerate(candidate_ids)]
+    first, value = logprobs[0], logprobs[0][candidate_ids[0]]
+    return values, (int((first > value + tie).sum()), int((first > value - tie).sum()))

@@ -2,8 +2,8 @@
 
 damage_checkpoint.py applies a ROME-style rank-one edit to the layer-0 MLP so that " France"
 reads like "banana". Run against the committed baseline of the clean default model, the
-example CI-gate suite must fail on exactly the France facts, naming the lost layers, and pass
-on every untouched fact.
+example CI-gate suite must fail on exactly the France facts, naming the lost layers (and, for the
+candidate-scored sweep, the fallen margins), and pass on every untouched fact.
 """
 from __future__ import annotations
 
@@ -30,10 +30,12 @@ def _damage_module():
 EXPECTED = [
     "FAILED *test_capitals_gate.py::test_capital_by_attribute_extraction[[]France-Paris[]]*",
     "FAILED *test_capitals_gate.py::test_capital_by_token_identity[[]France-Paris[]]*",
+    "FAILED *test_capitals_gate.py::test_capital_by_candidate_scores[[]France[]]*",
+    "*margin of 'Paris' over the best other candidate fell by up to * nats at 12 cells (> max_margin_drop=1.0)*",
     "*lost hits at layers 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11 (decodable nowhere now)*",
     "*lost hits at layers 23, 24, 25, 26, 27, 28, 29 (decodable nowhere now)*",
     "the baseline comes from another checkpoint (SmolLM2-135M-Instruct @ *) than this run (damaged @ *)*",
-    "10 probes: 8 unchanged, 2 regressed",
+    "12 probes: 9 unchanged, 3 regressed",
 ]
 
 
@@ -54,7 +56,7 @@ def test_damaged_checkpoint_fails_exactly_the_damaged_facts(pytester, tmp_path, 
         "example_suites/ci_gate", f"--patchscope-model={damaged}", f"--patchscope-baseline={baseline}",
         "-p", "no:cacheprovider", "-rf",
     )
-    result.assert_outcomes(failed=2, passed=8)
+    result.assert_outcomes(failed=3, passed=9)
     result.stdout.fnmatch_lines_random(EXPECTED)
     assert baseline.read_bytes() == before, "a gate run without --patchscope-update-baseline never writes"
 
@@ -67,6 +69,6 @@ def test_the_same_gate_with_two_word_options_from_another_directory(pytester, da
     result = pytester.runpytest(
         ".", "--patchscope-model", str(damaged), "--patchscope-baseline", "baseline.json", "-p", "no:cacheprovider", "-rf",
     )
-    result.assert_outcomes(failed=2, passed=8)
+    result.assert_outcomes(failed=3, passed=9)
     result.stdout.fnmatch_lines_random(EXPECTED)
     assert (GATE / "baseline.json").read_bytes() == before

@@ -78,8 +78,8 @@ def test_default_model_in_bfloat16_agrees_with_single_probes_and_with_float32(bf
     n = len(probes)
     with_single = sum(b.tokens[:1] == s.tokens[:1] for b, s in zip(batched, single))
     with_fp32 = sum(b.tokens[:1] == r.tokens[:1] for b, r in zip(batched, reference))
-    gap_single = max(abs(b.scores[t[0]][0] - s.scores[t[0]][0]) for b, s, t in zip(batched, single, top))
-    gap_fp32 = max(abs(b.scores[t[0]][0] - r.scores[t[0]][0]) for b, r, t in zip(batched, reference, top))
+    gap_single = max(abs(b.first_token_scores[t[0]][0] - s.first_token_scores[t[0]][0]) for b, s, t in zip(batched, single, top))
+    gap_fp32 = max(abs(b.first_token_scores[t[0]][0] - r.first_token_scores[t[0]][0]) for b, r, t in zip(batched, reference, top))
     print(f"bf16 batched vs single: top-1 {with_single}/{n}, max |d log p| {gap_single:.3f}; vs fp32: top-1 {with_fp32}/{n}, {gap_fp32:.3f}")
     assert with_single >= n - 1 and gap_single < 0.25
     assert with_fp32 >= n - 2 and gap_fp32 < 0.25

@@ -149,10 +149,10 @@ def test_a_patch_that_is_not_written_exactly_once_is_an_internal_error(tiny_llam
     import pytest_patchscope.engine as engine_module
     from pytest_patchscope.streams import forward_opening
 
-    def faulty(model, layout, captures, states, patches, locations):
+    def faulty(model, layout, captures, states, patches, locations, layer_done=None):
         patches = list(patches)
         patches = patches[1:] if fault == "dropped" else patches + [dataclasses.replace(patches[0], layer=2)]
-        return forward_opening(model, layout, captures, states, patches, locations)
+        return forward_opening(model, layout, captures, states, patches, locations, layer_done)
 
     scope = Patchscope(tiny_llama)
     before = scope.generate("Tokyo", "Short x", layer=1, max_new_tokens=3)

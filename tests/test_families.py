@@ -1,7 +1,8 @@
 """Every supported decoder family, token for token against the plain-HF reference (tests/hf_reference.py).
 
 Tiny random models (tests/families.py) with prompts longer than their sliding windows: single
-probes, a batch of mixed probes, a layer sweep and an l x l* grid. The reference runs on an
+probes, a batch of mixed probes, a layer sweep, an l x l* grid, every site, and candidate scores
+with sampled and repetition-controlled decoding. The reference runs on an
 independent copy of each model: HF's own masks, caches and `generate`, nothing of the engine.
 Families the engine cannot run exactly must be refused at load time with a ModelLoadError.
 benchmarks/coverage_table.py turns these results into README's coverage table.
@@ -12,14 +13,14 @@ import copy
 
 import pytest
 
-from pytest_patchscope import Probe
+from pytest_patchscope import Decoding, Probe
 from pytest_patchscope.backend import VERIFIED_FAMILIES
 from pytest_patchscope.errors import ModelLoadError
 from pytest_patchscope.models import from_hf
 from pytest_patchscope.scope import Patchscope
 
 import hf_reference as ref
-from conftest import active_hooks, expected
+from conftest import active_hooks, expected, expected_samples, expected_scores
 from families import REFUSED, SUPPORTED, WINDOW
 
 LONG = "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat by the door"
@@ -112,6 +113,32 @@ def test_every_site(family):
         assert (list(result.tokens), list(result.clean_tokens)) == expected(reference, result), result.probe.describe()
     changed = {r.probe.site for r in results if r.tokens != r.clean_tokens}
     assert changed == set(sites), f"no probe changed the generation at {set(sites) - changed}: the check proves little there"
+    assert active_hooks(scope.model) == scope.model.bridge_hooks_at_load
+
+
+def test_scores_and_decoding(family):
+    """Candidates scored after a target longer than the sliding window (multi-token ones decode
+    past it), sampled probes with several samples, and greedy decoding with repetition controls,
+    in one batch, against a cache-free forward and HF `generate` with the same seeds."""
+    scope, reference = family
+    last = scope.model.n_layers - 1
+    candidates = ("fox", "fox jumps over", "dog sleeps", "cat")
+    batch = [
+        Probe("Tokyo", LONG + " x", layer=0, target_layer=last, candidates=candidates, max_new_tokens=0),
+        Probe(LONG, "Short x", layer=1, target_layer=1, candidates=candidates[:2], max_new_tokens=4, strength=0.5),
+        Probe(LONG, LONG, layer=last, target_layer=1, max_new_tokens=NEW_TOKENS, decoding=Decoding(do_sample=True, n_samples=2, seed=4, top_k=40)),
+        Probe("Paris", "Short x", layer=1, max_new_tokens=NEW_TOKENS, decoding=Decoding(do_sample=True, seed=9, temperature=0.7, top_p=0.9)),
+        Probe("Tokyo", LONG + " x", layer=0, max_new_tokens=NEW_TOKENS, decoding=Decoding(repetition_penalty=1.4, no_repeat_ngram_size=2)),
+    ]
+    for result in scope.run(batch):
+        patched, clean = expected_scores(reference, result)
+        for candidate in result.probe.candidates:
+            for ours, theirs in ((result.scores[candidate], patched[candidate]), (result.clean_scores[candidate], clean[candidate])):
+                assert ours.logprobs == pytest.approx(theirs[0], abs=1e-4), (candidate, result.probe.describe())
+                assert theirs[1][0] <= ours.rank <= theirs[1][1], (candidate, result.probe.describe())
+        samples, clean_samples = expected_samples(reference, result)
+        assert [list(s.tokens) for s in result.samples] == samples, result.probe.describe()
+        assert [list(s.tokens) for s in result.clean_samples] == clean_samples, result.probe.describe()
     assert active_hooks(scope.model) == scope.model.bridge_hooks_at_load
 
 

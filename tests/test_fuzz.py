@@ -1,9 +1,10 @@
-"""A Hypothesis fuzz of the public API on the tiny models: generate, sweep, run and the settings.
+"""A Hypothesis fuzz of the public API on the tiny models: generate, score, sweep, run and the settings.
 
 Arguments come from wide strategies (huge and negative ints, NaN/inf/huge floats, bools, strings,
 None, tuples, odd Placeholder/Substring specs, lists of positions, every site and odd ones, units
 out of range or repeated, mappings that return wrong shapes, dtypes, layouts or devices, or change
-their input in place). Allowed outcomes: a result, or a ProbeConfigError
+their input in place, candidates that are empty, repeated or nothing but special tokens, and
+sampling settings out of range). Allowed outcomes: a result, or a ProbeConfigError
 whose field is one of the arguments given (its message starts with it). After every example no
 hook is left and a fixed reference probe still gives exactly its original tokens. Deterministic
 (derandomize=True, no example database); the outcome counts are printed for the README.
@@ -127,6 +128,24 @@ ARGUMENTS: dict[str, tuple[st.SearchStrategy, st.SearchStrategy]] = {
         st.one_of(st.lists(st.integers(-2, 200), max_size=4), st.just("each"), anything),
     ),
 }
+CANDIDATES = ["Paris", "London", "Rome", "New York City", "x is"]
+ARGUMENTS |= {
+    "candidates": (
+        st.lists(st.sampled_from(CANDIDATES), min_size=1, max_size=3, unique=True),
+        st.one_of(
+            st.just([]), st.just(["Paris", "Paris"]), st.just(["Paris", " Paris"]), st.just(["<|endoftext|>"]),
+            st.lists(st.one_of(st.text(max_size=3), anything), max_size=3), anything,
+        ),
+    ),
+    "do_sample": (st.booleans(), anything),
+    "temperature": (st.floats(0.1, 3), st.one_of(st.sampled_from([0, -1.0, 0.0]), floats, ints, junk)),
+    "top_p": (st.floats(0.05, 1), st.one_of(st.sampled_from([0, 1.5, -0.1]), floats, ints, junk)),
+    "top_k": (st.one_of(st.none(), st.integers(1, 100)), st.one_of(st.integers(-3, 0), floats, junk)),
+    "seed": (st.integers(0, 2**31), st.one_of(st.integers(max_value=-1), huge_ints, floats, junk)),
+    "n_samples": (st.integers(1, 2), st.one_of(st.integers(-2, 0), st.sampled_from([1025, 10**9]), floats, junk)),
+    "repetition_penalty": (st.floats(0.5, 2), st.one_of(st.sampled_from([0, -1.0]), floats, junk)),
+    "no_repeat_ngram_size": (st.integers(0, 3), st.one_of(st.integers(max_value=-1), floats, junk)),
+}
 ARGUMENTS["target"] = (st.one_of(ARGUMENTS["source"][0], st.sampled_from(PRESETS)), ARGUMENTS["source"][1])
 ARGUMENTS["source_position"] = (
     st.one_of(ARGUMENTS["source_position"][0], st.lists(st.sampled_from([0, -1, 1]), min_size=1, max_size=2)),
@@ -143,10 +162,13 @@ SETTINGS: dict[str, tuple[st.SearchStrategy, st.SearchStrategy]] = {
     "progress": (st.one_of(st.none(), st.just(lambda done, total: None)), anything),
 }
 PROBE = ["target_layer", "source_position", "target_position", "mapping", "strength", "max_new_tokens", "stop", "site", "units"]
+DECODING = ["do_sample", "temperature", "top_p", "top_k", "seed", "n_samples", "repetition_penalty", "no_repeat_ngram_size"]
+SAMPLING_ONLY = {"temperature", "top_p", "top_k", "seed", "n_samples"}
 OPTIONAL = {
-    "generate": PROBE,
-    "run": PROBE,
-    "sweep": ["layers", "target_layers", "expect", "clean", *PROBE[1:]],  # sweep() refuses target_layer
+    "generate": [*PROBE, "candidates", *DECODING],
+    "run": [*PROBE, "candidates"],
+    "score": [*PROBE, *DECODING],  # candidates are always given
+    "sweep": ["layers", "target_layers", "expect", "clean", *PROBE[1:], "candidates", *DECODING],  # sweep() refuses target_layer
 }
 
 
@@ -162,7 +184,11 @@ def examples(draw: st.DrawFn) -> tuple[dict[str, Any], str, dict[str, Any], str 
     kwargs = {"source": draw(ARGUMENTS["source"][0]), "target": draw(ARGUMENTS["target" if kind != "run" else "source"][0])}
     if kind != "sweep":
         kwargs["layer"] = draw(ARGUMENTS["layer"][0])
+    if kind == "score":
+        kwargs["candidates"] = draw(ARGUMENTS["candidates"][0])
     kwargs |= {name: draw(ARGUMENTS[name][0]) for name in OPTIONAL[kind] if draw(st.booleans())}
+    if kwargs.get("do_sample") is not True:  # valid sampling settings come with do_sample=True
+        kwargs = {name: value for name, value in kwargs.items() if name not in SAMPLING_ONLY}
     faults = [f"setting:{name}" for name in SETTINGS] + sorted(kwargs) + [name for name in OPTIONAL[kind] if name not in kwargs]
     fault = draw(st.one_of(st.none(), st.sampled_from(faults), st.sampled_from(faults)))
     if fault is not None and fault.startswith("setting:"):
@@ -186,6 +212,8 @@ def _call(model: Any, setting: dict[str, Any], kind: str, kwargs: dict[str, Any]
     scope = Patchscope(model, **{"max_new_tokens": 2, **setting})  # a small default budget, for speed
     if kind == "run":
         return scope.run([Probe(**kwargs)])
+    if kind == "score":
+        return scope.score(kwargs.pop("source"), kwargs.pop("target"), kwargs.pop("candidates"), **kwargs)
     return getattr(scope, kind)(kwargs.pop("source"), kwargs.pop("target"), **kwargs)
 
 

@@ -11,6 +11,8 @@ import shutil
 
 import pytest
 
+from conftest import synthetic_project
+
 pytest_plugins = ["pytester"]
 
 SUITE = """
@@ -43,10 +45,7 @@ def project(pytester, monkeypatch):
     """A checkout with a pyproject.toml and the suite in tests/; the synthetic checkpoint is 'ckpt-a'."""
     for name in ("SYNTH_MODEL", "SYNTH_LAYERS", "SYNTH_LOST", "SYNTH_DTYPE"):
         monkeypatch.delenv(name, raising=False)
-    (pytester.path / "pyproject.toml").write_text("[project]\nname = 'demo'\n")
-    tests = pytester.mkpydir("tests")
-    (tests / "test_facts.py").write_text(SUITE)
-    return pytester.path
+    return synthetic_project(pytester, SUITE)
 
 
 def run(pytester, *args):

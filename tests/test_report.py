@@ -142,6 +142,54 @@ def test_json_report_is_strict_json_even_with_infinite_logprobs(tmp_path):
     assert "Infinity" not in text
     probe = json.loads(text)["probes"][0]
     assert probe["score_drop"] is None and probe["current"]["peak_logprob"] is None
+    assert probe["current"]["cells"][0]["logprob"] is None and probe["baseline"]["cells"][0]["logprob"] == -0.5
+
+
+def heads_profile() -> LocalizationProfile:
+    """A (layer x head) profile with candidate scores, margins, a degenerate cell and markup in its texts."""
+    cells = tuple(
+        LayerCell(
+            l, l, f" <b>{l}.{u}</b> & \"q\"\n", (l + u) % 2 == 0, -0.25 * u - l, u, unit=u, margin=0.5 - u,
+            candidate_logprobs={"Paris": -0.25 * u, "Rome": -1.0}, degenerate="the token ' x' repeated 4 times" if u == 2 else None,
+        )
+        for l in range(3)
+        for u in range(4)
+    )
+    return LocalizationProfile(
+        {"source": "S", "target": "T", "site": "heads", "units": "each"}, cells, "Paris", clean_text="\n clean <&>",
+        candidates=("Paris", "Rome"), clean_candidate_logprobs={"Paris": -2.0, "Rome": -0.5},
+    )
+
+
+def test_json_report_lets_a_dashboard_redraw_every_heatmap(tmp_path):
+    grid_base, grid_cur, heads = profile([1, 2], n=4, grid=True), profile([2], n=4, grid=True), heads_profile()
+    summary = SessionSummary()
+    summary.add("grid", compare_profiles(grid_base, grid_cur), "t.py::test_grid")
+    summary.add("heads", heads, "t.py::test_heads")
+    data = json.loads(write_json_report(tmp_path / "r.json", summary).read_text(encoding="utf-8"))
+    assert data["version"] == 2  # cells and texts are added keys: version-2 readers keep working
+    probes = {p["key"]: p for p in data["probes"]}
+
+    def redraw(side):
+        """What a dashboard does with the JSON alone: (row, column) -> (colour value, hit mark)."""
+        column = "unit" if side["per_unit"] else "target_layer"
+        value = "margin" if any(c["margin"] is not None for c in side["cells"]) else "logprob"
+        return {(c["layer"], c[column]): (c[value], c["hit"]) for c in side["cells"]}
+
+    def drawn(p: LocalizationProfile):
+        margin = any(c.margin is not None for c in p.cells)
+        return {(c.layer, c.unit if p.per_unit else c.target_layer): (c.margin if margin else c.logprob, c.hit) for c in p.cells}
+
+    grid = probes["grid"]
+    assert grid["current"]["grid"] and not grid["current"]["per_unit"] and len(grid["current"]["cells"]) == 16
+    assert redraw(grid["baseline"]) == drawn(grid_base) and redraw(grid["current"]) == drawn(grid_cur)
+    side = probes["heads"]["current"]
+    assert side["per_unit"] and probes["heads"]["baseline"] is None
+    assert redraw(side) == drawn(heads) and len(redraw(side)) == 12
+    assert tuple(LayerCell(**cell) for cell in side["cells"]) == heads.cells  # every field of every cell
+    assert side["cells"][2]["degenerate"] == "the token ' x' repeated 4 times" and side["cells"][1]["candidate_logprobs"] == {"Paris": -0.25, "Rome": -1.0}
+    assert side["clean_text"] == "\n clean <&>" and side["candidates"] == ["Paris", "Rome"]
+    assert side["clean_candidate_logprobs"] == {"Paris": -2.0, "Rome": -0.5} and side["expect"] == "Paris"
 
 
 def test_markdown_report_has_counts_table_and_regression_details(tmp_path, summary):

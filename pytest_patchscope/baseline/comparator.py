@@ -39,6 +39,9 @@ class Tolerances:
     """The peak log-probability may fall by this many nats."""
     min_score_gain: float = 1.0
     """The peak log-probability must rise by more than this many nats to report an improvement."""
+    max_margin_drop: float = 1.0
+    """With candidates: at each cell where the baseline preferred the expected candidate (margin
+    > 0), its margin over the best other candidate may fall by this many nats."""
     allow_lost_layers: int = 0
     """This many baseline hit layers may stop hitting (never all of them: a fact that was decodable
     somewhere and is decodable nowhere always regresses)."""
@@ -108,6 +111,8 @@ class Comparison:
     """(baseline, current) peak source layer."""
     score_drop: float | None = None
     """Baseline peak log-probability minus current (negative: it rose); None if a side has none."""
+    margin_drop: float | None = None
+    """With candidates: the largest fall of a cell's margin where the baseline's was > 0; None if none compared."""
     reasons: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -132,6 +137,7 @@ class Comparison:
             "first_hit": list(self.first_hit),
             "peak": list(self.peak),
             "score_drop": self.score_drop,
+            "margin_drop": self.margin_drop,
             "reasons": list(self.reasons),
             "notes": list(self.notes),
         }
@@ -149,6 +155,7 @@ class Comparison:
             first_hit=tuple(data.get("first_hit", (None, None))),
             peak=tuple(data.get("peak", (None, None))),
             score_drop=data.get("score_drop"),
+            margin_drop=data.get("margin_drop"),
             reasons=list(data.get("reasons", [])),
             notes=list(data.get("notes", [])),
         )
@@ -251,6 +258,7 @@ def compare_profiles(
         improvements.append(
             f"peak log-probability rose by {-drop:.2f} nats, from {base_score:.4f} to {cur_score:.4f}"
         )
+    margin_drop = _compare_margins(baseline, current, tol, regressions, notes)
     if not base_hits and not cur_hits and base_score is None and cur_score is None:
         notes.append("no expect on either side: only texts were recorded, nothing was compared")
 
@@ -269,4 +277,39 @@ def compare_profiles(
         status, reasons = "improved", improvements
     else:
         status, reasons = "unchanged", []
-    return Comparison(status, current, baseline, tol, lost, gained, first, peak, drop, reasons, notes)
+    return Comparison(status, current, baseline, tol, lost, gained, first, peak, drop, margin_drop, reasons, notes)
+
+
+def _cell_name(cell: LayerCell, grid: bool) -> str:
+    where = f"layer {cell.layer}" + (f" -> {cell.target_layer}" if grid else "")
+    return where + ("" if cell.unit is None else f" head {cell.unit}")
+
+
+def _compare_margins(
+    baseline: LocalizationProfile, current: LocalizationProfile, tol: Tolerances, regressions: list[str], notes: list[str]
+) -> float | None:
+    """The largest margin drop over cells where the baseline preferred the expected candidate;
+    drops past max_margin_drop are regressions, the worst three named."""
+    if baseline.candidates != current.candidates and baseline.candidates and current.candidates:
+        notes.append(f"candidates changed from {list(baseline.candidates)} to {list(current.candidates)}: margins compared anyway")
+    now = {(c.layer, c.target_layer, c.unit): (c, c.margin) for c in current.cells if c.margin is not None}
+    drops: list[tuple[float, LayerCell, LayerCell]] = []
+    for base in baseline.cells:
+        match = now.get((base.layer, base.target_layer, base.unit))
+        if base.margin is not None and base.margin > 0 and match is not None and match[1] is not None:
+            drops.append((base.margin - match[1], base, match[0]))
+    if not drops:
+        return None
+    drops.sort(key=lambda d: -d[0])
+    worst = drops[0][0]
+    past = [d for d in drops if d[0] > tol.max_margin_drop]
+    if past:
+        shown = "; ".join(
+            f"{_cell_name(base, current.grid)} from {base.margin:.2f} to {cur.margin:.2f}" for _, base, cur in past[:3]
+        )
+        more = f" and {len(past) - 3} more" if len(past) > 3 else ""
+        regressions.append(
+            f"margin of {current.expect!r} over the best other candidate fell by up to {worst:.2f} nats at "
+            f"{len(past)} cell{'s' if len(past) != 1 else ''} (> max_margin_drop={tol.max_margin_drop}): {shown}{more}"
+        )
+    return worst

@@ -20,7 +20,9 @@ def _side(cell: LayerCell | None, grid: bool, text_width: int) -> str:
     if len(text) > text_width:
         text = text[: text_width - 1] + "…"
     where = f"l*={cell.target_layer:<3} " if grid else ""
-    return f"{hit_mark(cell.hit)} {lp:>9} {where}{text}"
+    margin = "" if cell.margin is None else f"margin {cell.margin:+.2f} "
+    flag = " (degenerate)" if cell.degenerate else ""
+    return f"{hit_mark(cell.hit)} {lp:>9} {where}{margin}{text}{flag}"
 
 
 def side_by_side(

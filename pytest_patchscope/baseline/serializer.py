@@ -83,6 +83,7 @@ def serialize_entry(entry: Entry) -> dict[str, Any]:
         "test": entry.test,
         "expect": profile.expect,
         "grid": profile.grid,
+        **({"candidates": list(profile.candidates)} if profile.candidates else {}),
         "cells": [
             {
                 "layer": c.layer,
@@ -92,6 +93,11 @@ def serialize_entry(entry: Entry) -> dict[str, Any]:
                 "hit": c.hit,
                 "logprob": round_logprob(c.logprob),
                 "rank": c.rank,
+                **({} if c.margin is None else {"margin": round_logprob(c.margin)}),
+                **({} if c.candidate_logprobs is None else {"candidate_logprobs": {
+                    k: round_logprob(v) for k, v in c.candidate_logprobs.items()
+                }}),
+                **({} if c.degenerate is None else {"degenerate": c.degenerate}),
             }
             for c in sorted(profile.cells, key=lambda c: (c.layer, c.target_layer, -1 if c.unit is None else c.unit))
         ],
@@ -121,13 +127,27 @@ def deserialize_cell(where: str, cell: Any) -> LayerCell:
     _check(where, "text", text, isinstance(text, str), "a string")
     _check(where, "hit", hit, hit is None or isinstance(hit, bool), "true, false or null")
     _check(where, "logprob", logprob,
-           logprob is None or (isinstance(logprob, (int, float)) and not isinstance(logprob, bool)
-                               and math.isfinite(logprob)),
+           logprob is None or _is_finite_number(logprob),
            "a finite number (a log-probability) or null")
     _check(where, "rank", rank, rank is None or (_is_int(rank) and rank >= 0), "an integer >= 0 or null")
     unit = cell.get("unit")
     _check(where, "unit", unit, unit is None or (_is_int(unit) and unit >= 0), "an integer >= 0 (a head) or absent")
-    return LayerCell(layer, target, text, hit, None if logprob is None else float(logprob), rank, unit)
+    margin, scores, degenerate = cell.get("margin"), cell.get("candidate_logprobs"), cell.get("degenerate")
+    _check(where, "margin", margin, margin is None or _is_finite_number(margin), "a finite number (nats) or absent")
+    _check(where, "candidate_logprobs", scores,
+           scores is None or (isinstance(scores, Mapping) and all(isinstance(k, str) and _is_finite_number(v) for k, v in scores.items())),
+           "an object of candidate -> finite log-probability, or absent")
+    _check(where, "degenerate", degenerate, degenerate is None or isinstance(degenerate, str), "a string or absent")
+    return LayerCell(
+        layer, target, text, hit, None if logprob is None else float(logprob), rank, unit,
+        margin=None if margin is None else float(margin),
+        candidate_logprobs=None if scores is None else {k: float(v) for k, v in scores.items()},
+        degenerate=degenerate,
+    )
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def deserialize_entry(where: str, data: Any, header: BaselineFile) -> Entry:
@@ -142,6 +162,9 @@ def deserialize_entry(where: str, data: Any, header: BaselineFile) -> Entry:
     _check(where, "test", test, isinstance(test, str) and "::" in test, "the recording test, 'file::name'")
     _check(where, "expect", expect, expect is None or isinstance(expect, str), "a string or null")
     _check(where, "grid", grid, isinstance(grid, bool), "true or false")
+    candidates: Any = data.get("candidates", [])
+    _check(where, "candidates", candidates, isinstance(candidates, list) and all(isinstance(c, str) for c in candidates),
+           "a list of strings or absent")
     profile = LocalizationProfile(
         probe=dict(probe),
         cells=tuple(deserialize_cell(f"{where}, cells[{k}]", cell) for k, cell in enumerate(cells)),
@@ -151,6 +174,7 @@ def deserialize_entry(where: str, data: Any, header: BaselineFile) -> Entry:
         grid=grid,
         architecture=dict(header.architecture),
         dtype=header.dtype,
+        candidates=tuple(candidates),
     )
     return Entry(profile, test)
 

@@ -1,0 +1,180 @@
+"""How a row picks its next token: greedy or sampled, with HF `generate`'s logits processors.
+
+The processors run in HF's order and with HF's arithmetic (repetition penalty, no-repeat n-grams,
+then temperature, top-k and top-p), so a probe decodes as `model.generate(...)` would with the
+same settings. Each sampled row draws from its own `torch.Generator`, seeded `seed + sample`, so
+a probe's samples are the same whether it runs alone or in a batch of thousands.
+
+Also here: `degeneration`, the flag that tells "the model rambled" from "the fact is gone".
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from .errors import ProbeConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+MAX_SAMPLES = 1024
+"""Sanity bound on n_samples (each sample is a row of the batch)."""
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """Decoding settings of one probe (the defaults are greedy decoding, as before sampling existed).
+
+    `repetition_penalty` and `no_repeat_ngram_size` act as in HF `generate` (the prompt counts as
+    history). With `do_sample`, `temperature`, `top_k` (None: no cut) and `top_p` shape the
+    distribution and sample k of `n_samples` draws from a generator seeded `seed + k`.
+    """
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    seed: int = 0
+    n_samples: int = 1
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+
+    @property
+    def processes_logits(self) -> bool:
+        """False for plain greedy decoding, which is an argmax of the raw logits."""
+        return self.do_sample or self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
+
+    def __repr__(self) -> str:
+        return f"Decoding({', '.join(f'{name}={value!r}' for name, value in self.changed().items())})"
+
+    def changed(self) -> dict[str, Any]:
+        """The settings that differ from greedy decoding (for identities and messages)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
+
+
+GREEDY = Decoding()
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def check_decoding(value: Any) -> Decoding:
+    """`value` (a Decoding) with every field checked; a ProbeConfigError names the first bad one."""
+    if not isinstance(value, Decoding):
+        raise ProbeConfigError("decoding", value, "a Decoding (see pytest_patchscope.decoding)")
+    if not isinstance(value.do_sample, bool):
+        raise ProbeConfigError("do_sample", value.do_sample, "True or False")
+    n = _int(value.n_samples)
+    if n is None or not 1 <= n <= MAX_SAMPLES:
+        raise ProbeConfigError("n_samples", value.n_samples, f"an int from 1 to {MAX_SAMPLES}")
+    if n > 1 and not value.do_sample:
+        raise ProbeConfigError("n_samples", value.n_samples, "1 with greedy decoding", "Pass do_sample=True to draw several samples.")
+    temperature = _number(value.temperature)
+    if temperature is None or (value.do_sample and temperature <= 0):
+        raise ProbeConfigError(
+            "temperature", value.temperature, "a finite number > 0 with do_sample=True",
+            "For the most likely token, use greedy decoding (do_sample=False) instead of temperature 0.",
+        )
+    top_p = _number(value.top_p)
+    if top_p is None or not 0 < top_p <= 1:
+        raise ProbeConfigError("top_p", value.top_p, "a number in (0, 1] (1 = no nucleus cut)")
+    if value.top_k is not None and (_int(value.top_k) is None or value.top_k < 1):
+        raise ProbeConfigError("top_k", value.top_k, "None (no cut) or an int >= 1")
+    if _int(value.seed) is None or not 0 <= value.seed < 2**63 - MAX_SAMPLES:
+        raise ProbeConfigError("seed", value.seed, f"an int from 0 to 2**63 - {MAX_SAMPLES + 1}")
+    penalty = _number(value.repetition_penalty)
+    if penalty is None or penalty <= 0:
+        raise ProbeConfigError("repetition_penalty", value.repetition_penalty, "a finite number > 0 (1 = no penalty, > 1 discourages repeats)")
+    ngram = _int(value.no_repeat_ngram_size)
+    if ngram is None or ngram < 0:
+        raise ProbeConfigError("no_repeat_ngram_size", value.no_repeat_ngram_size, "an int >= 0 (0 = off)")
+    sampling_only = {"temperature": 1.0, "top_p": 1.0, "top_k": None}
+    if not value.do_sample:
+        for name, default in sampling_only.items():
+            if getattr(value, name) != default:
+                raise ProbeConfigError(name, getattr(value, name), f"{default} with greedy decoding", "Pass do_sample=True to sample.")
+    return value
+
+
+def banned_ngram_tokens(history: Sequence[int], size: int) -> list[int]:
+    """Tokens that would repeat an n-gram of `size` already in `history` (HF's no_repeat_ngram_size)."""
+    if size <= 0 or len(history) + 1 < size:
+        return []
+    if size == 1:
+        return sorted(set(history))
+    tail = tuple(history[len(history) - size + 1:])
+    return sorted({history[k + size - 1] for k in range(len(history) - size + 1) if tuple(history[k:k + size - 1]) == tail})
+
+
+def next_token(
+    logits: "torch.Tensor", history: Sequence[int], decoding: Decoding, generator: "torch.Generator | None"
+) -> int:
+    """The next token of one row from its float32 logits (vocab,), its history (prompt + generated)
+    and its settings; a sampled row draws from `generator`."""
+    import torch
+
+    scores = logits[None].clone()
+    if decoding.repetition_penalty != 1.0 and history:
+        seen = torch.tensor([list(history)], device=scores.device)
+        picked = scores.gather(1, seen)
+        picked = torch.where(picked < 0, picked * decoding.repetition_penalty, picked / decoding.repetition_penalty)
+        scores = scores.scatter(1, seen, picked)
+    banned = banned_ngram_tokens(history, decoding.no_repeat_ngram_size)
+    if banned:
+        scores[0, banned] = -math.inf
+    if not decoding.do_sample:
+        return int(scores.argmax(dim=-1))
+    if decoding.temperature != 1.0:
+        scores = scores / decoding.temperature
+    if decoding.top_k is not None:
+        kth = torch.topk(scores, min(decoding.top_k, scores.shape[-1]))[0][..., -1, None]
+        scores = scores.masked_fill(scores < kth, -math.inf)
+    if decoding.top_p < 1.0:
+        ordered, order = torch.sort(scores, descending=False)
+        cut = ordered.softmax(dim=-1).cumsum(dim=-1) <= 1 - decoding.top_p
+        cut[..., -1:] = False  # keep at least the most likely token
+        scores = scores.masked_fill(cut.scatter(1, order, cut), -math.inf)
+    probabilities = torch.softmax(scores, dim=-1)
+    return int(torch.multinomial(probabilities, num_samples=1, generator=generator)[0, 0])
+
+
+def row_generator(decoding: Decoding, sample: int, device: Any) -> "torch.Generator | None":
+    """Sample `sample`'s own generator (None for greedy rows)."""
+    import torch
+
+    if not decoding.do_sample:
+        return None
+    return torch.Generator(device=device).manual_seed(decoding.seed + sample)
+
+
+# ---- degeneration -------------------------------------------------------------------------------
+RUN_LENGTH = 4
+"""A token repeated this many times in a row is degenerate ('the the the the')."""
+NGRAM_REPEATS = 3
+"""An n-gram of 2-4 tokens that occurs this many times is degenerate ('London, London, London')."""
+
+
+def degeneration(tokens: Sequence[int], decode: Callable[[list[int]], str]) -> str | None:
+    """Why a continuation looks degenerate, or None: a token repeated RUN_LENGTH times in a row,
+    or a 2-4-token n-gram occurring NGRAM_REPEATS times (whitespace-only tokens are not counted)."""
+    run = 1
+    for k in range(1, len(tokens)):
+        run = run + 1 if tokens[k] == tokens[k - 1] else 1
+        if run >= RUN_LENGTH and decode([tokens[k]]).strip():
+            return f"token {decode([tokens[k]])!r} repeats {RUN_LENGTH} times in a row"
+    for size in (4, 3, 2):
+        counts: dict[tuple[int, ...], int] = {}
+        for k in range(len(tokens) - size + 1):
+            gram = tuple(tokens[k:k + size])
+            counts[gram] = counts.get(gram, 0) + 1
+            if counts[gram] >= NGRAM_REPEATS and decode(list(gram)).strip():
+                return f"the {size}-token sequence {decode(list(gram))!r} occurs {NGRAM_REPEATS} times"
+    return None

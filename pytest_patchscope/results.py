@@ -1,0 +1,90 @@
+"""What a probe gives back: the patched continuation beside the clean one, candidate scores and samples.
+
+Plain data (no torch): results are compared, asserted on and shown in reports.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import ProbeConfigError
+from .probe import Probe, ResolvedProbe
+
+
+@dataclass(frozen=True)
+class CandidateScore:
+    """One candidate answer teacher-forced after a prompt: its tokens and each token's log-probability."""
+
+    candidate: str
+    tokens: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    rank: int
+    """Rank of the candidate's first token among all tokens at the first step (0 = the greedy choice)."""
+
+    @property
+    def logprob(self) -> float:
+        """Log-probability of the whole candidate: the sum over its tokens."""
+        return sum(self.logprobs)
+
+    @property
+    def mean_logprob(self) -> float:
+        """The mean over its tokens (comparable across candidates of different lengths)."""
+        return self.logprob / len(self.logprobs)
+
+    def __str__(self) -> str:
+        return f"{self.candidate!r}: logprob {self.logprob:.3f} (mean {self.mean_logprob:.3f}, first-token rank {self.rank})"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sampled continuation."""
+
+    text: str
+    tokens: tuple[int, ...]
+    degenerate: str | None = None
+
+
+def contains(text: str, expected: str, case_sensitive: bool) -> bool:
+    """The one substring test of results and assertions (case-insensitive unless asked)."""
+    return expected in text if case_sensitive else expected.lower() in text.lower()
+
+
+@dataclass(frozen=True)
+class PatchResult:
+    """What one probe generated: the patched continuation beside the clean one.
+
+    With `candidates`, `scores[c]` / `clean_scores[c]` score each candidate after the patched /
+    clean target. With sampling, `samples` holds every sample (`text` is the first one's).
+    """
+
+    probe: Probe
+    resolved: ResolvedProbe
+    text: str
+    clean_text: str | None
+    """The unpatched continuation (None when run with clean=False)."""
+    tokens: tuple[int, ...]
+    clean_tokens: tuple[int, ...] | None
+    first_token_scores: dict[int, tuple[float, int]] = field(default_factory=dict, repr=False)
+    """For requested token ids: (log-probability, rank) at the first generated step."""
+    scores: dict[str, CandidateScore] = field(default_factory=dict, repr=False)
+    clean_scores: dict[str, CandidateScore] | None = field(default=None, repr=False)
+    """The candidates after the clean target (None when run with clean=False)."""
+    samples: tuple[Sample, ...] = field(default=(), repr=False)
+    """Every continuation drawn: n_samples of them when sampling, else the greedy one."""
+    clean_samples: tuple[Sample, ...] | None = field(default=None, repr=False)
+    degenerate: str | None = None
+    """Why the patched continuation looks degenerate (see `decoding.degeneration`), or None."""
+    clean_degenerate: str | None = None
+
+    def hit_rate(self, expected: str, *, case_sensitive: bool = False, clean: bool = False) -> float:
+        """The share of samples (patched, or clean ones with clean=True) whose text contains `expected`.
+
+        A greedy probe has one sample, its continuation, so its hit rate is 0.0 or 1.0."""
+        samples = self.clean_samples if clean else self.samples
+        if samples is None:
+            raise ProbeConfigError("clean", clean, "False for a result run with clean=False (it has no clean samples)")
+        if not isinstance(expected, str) or not expected:
+            raise ProbeConfigError("expected", expected, "a non-empty string")
+        return sum(contains(s.text, expected, case_sensitive) for s in samples) / len(samples)
+
+    def __str__(self) -> str:
+        return f"{self.probe.describe()}\n  patched: {self.text!r}\n  clean:   {self.clean_text!r}"
