@@ -9,6 +9,7 @@ import re
 from typing import Iterable
 
 from .errors import ProbeConfigError
+from .probe import finite_real
 from .profile import LocalizationProfile
 from .results import PatchResult, contains
 
@@ -85,6 +86,10 @@ def assert_patched_prefers(result: PatchResult, expected: str, *, over: Iterable
     every other candidate), by summed log-probability. The result must come from `score` (or a
     probe with candidates) that scored them all."""
     __tracebackhide__ = True
+    if finite_real(margin) is None:
+        raise ProbeConfigError("margin", margin, "a finite number of nats (0.0: strictly preferred)")
+    if isinstance(over, (str, bytes)):
+        raise ProbeConfigError("over", over, "None (every other candidate) or a list of candidates", f"Use over=[{over!r}] for one.")
     others = [c for c in result.scores if c != expected] if over is None else list(over)
     missing = [c for c in [expected, *others] if c not in result.scores]
     if missing:

@@ -110,10 +110,12 @@ def _refusal(model_type: str, reason: str) -> ModelLoadError:
     )
 
 
-LOGIT_SCALES = {"cohere": "logit_scale", "cohere2": "logit_scale"}
-LOGIT_DIVISORS = {"granite": "logits_scaling", "granitemoe": "logits_scaling"}
-LOGIT_SOFTCAPS = {"gemma2": "final_logit_softcapping", "gemma3_text": "final_logit_softcapping"}
+LOGIT_SCALES = {t: "logit_scale" for t in ("cohere", "cohere2", "cohere2_moe")}
+LOGIT_DIVISORS = {t: "logits_scaling" for t in ("granite", "granitemoe", "granitemoeshared", "granitemoe_swa")}
+LOGIT_SOFTCAPS = {t: "final_logit_softcapping" for t in ("gemma2", "gemma3_text", "vaultgemma", "nanochat")}
 """model_type -> the config field of its LM head's post-processing (read from each family's CausalLM.forward)."""
+LOGIT_FIELDS = {"logit_scale": 1.0, "logits_scaling": 1.0, "final_logit_softcapping": None}
+"""Config fields that change the logits in some CausalLM.forward, and the value that changes nothing."""
 
 
 def describe_architecture(config: Any) -> Architecture:
@@ -122,6 +124,10 @@ def describe_architecture(config: Any) -> Architecture:
     model_type = str(getattr(config, "model_type", "") or "")
     if model_type in NOT_KEY_VALUE:
         raise _refusal(model_type, NOT_KEY_VALUE[model_type])
+    known = model_type in LOGIT_SCALES or model_type in LOGIT_DIVISORS or model_type in LOGIT_SOFTCAPS
+    changed = {name: getattr(config, name) for name, same in LOGIT_FIELDS.items() if getattr(config, name, same) not in (same, None)}
+    if changed and not known:  # its scores would silently differ from the model's own
+        raise _refusal(model_type, f"logits post-processed by {changed}, which the engine does not know how to apply")
     scale = float(getattr(config, LOGIT_SCALES[model_type])) if model_type in LOGIT_SCALES else 1.0
     if model_type in LOGIT_DIVISORS:
         scale /= float(getattr(config, LOGIT_DIVISORS[model_type]))

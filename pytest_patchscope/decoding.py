@@ -56,18 +56,14 @@ class Decoding:
 GREEDY = Decoding()
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
 def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def check_decoding(value: Any) -> Decoding:
     """`value` (a Decoding) with every field checked; a ProbeConfigError names the first bad one."""
+    from .probe import finite_real  # probe.py imports this module
+
     if not isinstance(value, Decoding):
         raise ProbeConfigError("decoding", value, "a Decoding (see pytest_patchscope.decoding)")
     if not isinstance(value.do_sample, bool):
@@ -77,20 +73,20 @@ def check_decoding(value: Any) -> Decoding:
         raise ProbeConfigError("n_samples", value.n_samples, f"an int from 1 to {MAX_SAMPLES}")
     if n > 1 and not value.do_sample:
         raise ProbeConfigError("n_samples", value.n_samples, "1 with greedy decoding", "Pass do_sample=True to draw several samples.")
-    temperature = _number(value.temperature)
+    temperature = finite_real(value.temperature)
     if temperature is None or (value.do_sample and temperature <= 0):
         raise ProbeConfigError(
             "temperature", value.temperature, "a finite number > 0 with do_sample=True",
             "For the most likely token, use greedy decoding (do_sample=False) instead of temperature 0.",
         )
-    top_p = _number(value.top_p)
+    top_p = finite_real(value.top_p)
     if top_p is None or not 0 < top_p <= 1:
         raise ProbeConfigError("top_p", value.top_p, "a number in (0, 1] (1 = no nucleus cut)")
     if value.top_k is not None and (_int(value.top_k) is None or value.top_k < 1):
         raise ProbeConfigError("top_k", value.top_k, "None (no cut) or an int >= 1")
     if _int(value.seed) is None or not 0 <= value.seed < 2**63 - MAX_SAMPLES:
         raise ProbeConfigError("seed", value.seed, f"an int from 0 to 2**63 - {MAX_SAMPLES + 1}")
-    penalty = _number(value.repetition_penalty)
+    penalty = finite_real(value.repetition_penalty)
     if penalty is None or penalty <= 0:
         raise ProbeConfigError("repetition_penalty", value.repetition_penalty, "a finite number > 0 (1 = no penalty, > 1 discourages repeats)")
     ngram = _int(value.no_repeat_ngram_size)

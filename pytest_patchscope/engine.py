@@ -362,7 +362,7 @@ class Engine:
                     if row.sources and row.parent is None:
                         vector_of(k)
             done += probes_in_chunk
-            if progress is not None:
+            if progress is not None and probes_in_chunk:  # a chunk of clean rows only would read as done == 0: a new job
                 progress(done, total)
         return [o for o in outputs if o is not None]
 
@@ -406,7 +406,7 @@ class Engine:
 
         tokens: list[list[int]] = [[] for _ in range(n)]
         stopped_text: dict[int, str] = {}  # rows cut at a stop string
-        generators = [row_generator(row.decoding, row.sample, device) for row in rows]
+        generators = [row_generator(row.decoding, row.sample, logits.device) for row in rows]  # the LM head's device
         forced_logprobs: list[list[float]] = [[] for _ in range(n)]
         first_rank: list[int | None] = [None] * n
         active = [r for r, row in enumerate(rows) if row.forced or row.max_new_tokens > 0]
@@ -501,12 +501,12 @@ class _ProbeRows:
     clean_candidates: list[int] | None
 
 
-def _family(rows: list[_Row], main: _Row, decoding: Decoding, candidate_ids: Sequence[tuple[int, ...]]) -> tuple[list[int], list[int]]:
+def _family(rows: list[_Row], main: _Row, candidate_ids: Sequence[tuple[int, ...]]) -> tuple[list[int], list[int]]:
     """Append `main` with its extra samples and one forced row per candidate; their indices."""
     rows.append(main)
     root = len(rows) - 1
     samples = [root]
-    for sample in range(1, decoding.n_samples):
+    for sample in range(1, main.decoding.n_samples):
         rows.append(replace(main, parent=root, sample=sample, score_ids=()))
         samples.append(len(rows) - 1)
     candidates = []
@@ -549,7 +549,7 @@ def build_rows(
             score_ids=tuple(score_ids[k]) if score_ids else (),
             decoding=probe.decoding,
         )
-        samples, candidates = _family(rows, main, probe.decoding, rp.candidate_ids)
+        samples, candidates = _family(rows, main, rp.candidate_ids)
         if not clean:
             placed.append(_ProbeRows(samples, candidates, None, None))
             continue
@@ -559,7 +559,7 @@ def build_rows(
                 target_ids=rp.target_ids, split=split_of_target[rp.target_ids], max_new_tokens=probe.max_new_tokens,
                 stop=probe.stop, decoding=probe.decoding,
             )
-            clean_index[key] = _family(rows, clean_main, probe.decoding, rp.candidate_ids)
+            clean_index[key] = _family(rows, clean_main, rp.candidate_ids)
         placed.append(_ProbeRows(samples, candidates, *clean_index[key]))
     return rows, placed
 

@@ -442,7 +442,7 @@ def _check_max_new_tokens(
     """max_new_tokens within the settings' bound and the room the position limit leaves after T
     (0 is allowed when the probe scores candidates: it then only scores)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < (0 if scoring else 1):
-        if value == 0:
+        if value == 0 and type(value) is int:
             raise ProbeConfigError("max_new_tokens", value, "an int >= 1", "max_new_tokens=0 (score only) needs candidates=[...].")
         raise ProbeConfigError("max_new_tokens", value, "an int >= 0 with candidates" if scoring else "an int >= 1")
     if limit is not None and value > limit:

@@ -19,7 +19,7 @@ from .presets import Preset
 from .probe import Mapping, Positions, Probe, finite_real
 from .profile import LayerCell, LocalizationProfile
 from .progress import ProgressSetting, resolve_progress
-from .results import PatchResult
+from .results import PatchResult, contains
 from .sites import DEFAULT_SITE, locate_site
 
 DEFAULT_MAX_NEW_TOKENS = 20
@@ -421,7 +421,7 @@ class Patchscope:
                 best = max(result.first_token_scores.values(), default=None, key=lambda s: s[0])
                 logprob, rank = (None, None) if best is None else best
                 margin = None
-                hit = None if expect is None else expect.lower() in result.text.lower()
+                hit = None if expect is None else contains(result.text, expect, case_sensitive=False)
             cells.append(
                 LayerCell(
                     layer=result.resolved.layer,

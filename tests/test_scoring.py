@@ -277,6 +277,8 @@ def test_margins_and_candidates_survive_the_baseline_file():
         (dict(n_samples=2), "n_samples", "do_sample=True"),
         (dict(do_sample=True, temperature=0), "temperature", "> 0"),
         (dict(do_sample=True, temperature=-1.0), "temperature", "> 0"),
+        (dict(do_sample=True, temperature=10**400), "temperature", "> 0"),
+        (dict(repetition_penalty=10**400), "repetition_penalty", "> 0"),
         (dict(do_sample=True, top_p=0), "top_p", "(0, 1]"),
         (dict(do_sample=True, top_p=1.5), "top_p", "(0, 1]"),
         (dict(do_sample=True, top_k=0), "top_k", ">= 1"),
@@ -305,3 +307,31 @@ def test_sweep_candidates_expect_must_be_a_candidate(tiny_llama):
     with pytest.raises(ProbeConfigError, match="non-empty"):
         scope.sweep("France", "The capital city of x is", layers=[0], candidates=[], target_position=-1)
     assert torch.is_grad_enabled()
+
+
+def test_bad_assertion_arguments_are_named_errors(tiny_llama):
+    result = Patchscope(tiny_llama).score("France", "The capital city of x is", CAPITALS, layer=1, target_position=-1)
+    with pytest.raises(ProbeConfigError, match="margin"):
+        assert_patched_prefers(result, "Paris", margin="1")
+    with pytest.raises(ProbeConfigError, match=r"over=\['London'\]"):
+        assert_patched_prefers(result, "Paris", over="London")
+    with pytest.raises(ProbeConfigError, match="add them to candidates"):
+        assert_patched_prefers(result, "Berlin")
+
+
+def test_logit_post_processing_is_applied_or_the_family_refused():
+    """The opening pass's logits must be the family's own (scores, not just the greedy choice, depend on it)."""
+    from types import SimpleNamespace
+
+    from pytest_patchscope.backend import describe_architecture
+    from pytest_patchscope.errors import ModelLoadError
+
+    capped = describe_architecture(SimpleNamespace(model_type="vaultgemma", num_hidden_layers=2, final_logit_softcapping=30.0))
+    assert capped.logit_softcap == 30.0
+    logits = torch.tensor([[10.0, -50.0, 90.0]])
+    assert torch.allclose(capped.final_logits(logits), 30.0 * torch.tanh(logits / 30.0))
+    granite = describe_architecture(SimpleNamespace(model_type="granitemoeshared", num_hidden_layers=2, logits_scaling=4.0))
+    assert granite.logit_scale == 0.25
+    with pytest.raises(ModelLoadError, match="logits post-processed by {'logit_scale': 0.5}"):
+        describe_architecture(SimpleNamespace(model_type="mystery", num_hidden_layers=2, logit_scale=0.5))
+    assert describe_architecture(SimpleNamespace(model_type="mystery", num_hidden_layers=2, logit_scale=1.0)).logit_scale == 1.0

@@ -288,15 +288,16 @@ def _cell_name(cell: LayerCell, grid: bool) -> str:
 def _compare_margins(
     baseline: LocalizationProfile, current: LocalizationProfile, tol: Tolerances, regressions: list[str], notes: list[str]
 ) -> float | None:
-    """The largest margin drop over cells where the baseline preferred the expected candidate;
-    drops past max_margin_drop are regressions, the worst three named."""
+    """The largest margin drop over cells where the baseline preferred the expected candidate
+    (negative when every such margin rose); drops past max_margin_drop are regressions, the worst
+    three named."""
     if baseline.candidates != current.candidates and baseline.candidates and current.candidates:
         notes.append(f"candidates changed from {list(baseline.candidates)} to {list(current.candidates)}: margins compared anyway")
     now = {(c.layer, c.target_layer, c.unit): (c, c.margin) for c in current.cells if c.margin is not None}
     drops: list[tuple[float, LayerCell, LayerCell]] = []
     for base in baseline.cells:
         match = now.get((base.layer, base.target_layer, base.unit))
-        if base.margin is not None and base.margin > 0 and match is not None and match[1] is not None:
+        if base.margin is not None and base.margin > 0 and match is not None:
             drops.append((base.margin - match[1], base, match[0]))
     if not drops:
         return None
