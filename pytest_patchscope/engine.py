@@ -425,7 +425,7 @@ class Engine:
                     value = logprobs[stream, token]
                     forced_logprobs[r].append(float(value))
                     if first_rank[r] is None:
-                        first_rank[r] = int((logprobs[stream] > value).sum())
+                        first_rank[r] = _rank(logprobs[stream], token)
                     tokens[r].append(token)
                     groups[r] = group_ids.setdefault((groups[r], token), len(group_ids))
                     if len(tokens[r]) < len(row.forced):  # the last token's log-probability needs no pass
@@ -482,7 +482,12 @@ class Engine:
         if not token_ids:
             return {}
         logprobs = torch.log_softmax(logits, dim=-1)
-        return {t: (float(logprobs[t]), int((logprobs > logprobs[t]).sum())) for t in token_ids}
+        return {t: (float(logprobs[t]), _rank(logprobs, t)) for t in token_ids}
+
+
+def _rank(logprobs: "torch.Tensor", token: int) -> int:
+    """A token's rank among all tokens of one step (0 = the greedy choice; ties share the better rank)."""
+    return int((logprobs > logprobs[token]).sum())
 
 
 def _roots(rows: Sequence[_Row]) -> list[int]:
