@@ -19,9 +19,14 @@ examples: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
 
+# ruff (style), mypy (types), import-linter (the layers in pyproject's [tool.importlinter]) and
+# vulture (dead code; tools/vulture_whitelist.py names what is used only from outside the package).
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
+	$(BIN)/vulture pytest_patchscope tools/vulture_whitelist.py --min-confidence 60 \
+		--ignore-names "pytest_*,nextitem" --ignore-decorators "@pytest.fixture,@pytest.hookimpl"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/sweep_benchmark.py $(ARGS)

@@ -14,7 +14,7 @@ import statistics
 import time
 
 from pytest_patchscope import TOKEN_IDENTITY, Patchscope
-from pytest_patchscope.probe import resolve_probe
+from pytest_patchscope.engine.resolve import resolve_probe
 
 SOURCE = "The capital of France is"
 CANDIDATES = "Paris,London,Rome,Rio de Janeiro,Addis Ababa"

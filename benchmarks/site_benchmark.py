@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pytest_patchscope import ENTITY_DESCRIPTION, Patchscope
-    from pytest_patchscope.sites import locate_site
+    from pytest_patchscope.model.sites import locate_site
 
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)

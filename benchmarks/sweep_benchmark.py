@@ -110,7 +110,7 @@ def _loadavg() -> float | None:
 
 
 def _hf_dir(model_spec: str | None) -> Path:
-    from pytest_patchscope.models import dequantized_cache_dir, resolve_model_source
+    from pytest_patchscope.model.loading import dequantized_cache_dir, resolve_model_source
 
     source = resolve_model_source(model_spec)
     return dequantized_cache_dir(source) if source.kind == "gguf" else source.path
@@ -166,11 +166,11 @@ def _touch(model: Any) -> None:
 
 def _load(bridge: bool, raw: bool, args: argparse.Namespace) -> dict[str, Any]:
     """The models a method needs (the bridged PatchscopeModel, a separate raw HF model) and positions."""
-    from pytest_patchscope.presets import ENTITY_DESCRIPTION
+    from pytest_patchscope.probes.presets import ENTITY_DESCRIPTION
 
     ctx: dict[str, Any] = {}
     if bridge:
-        from pytest_patchscope.models import load_model
+        from pytest_patchscope.model.loading import load_model
 
         pm = load_model(args.model)
         _touch(pm.hf)
@@ -220,7 +220,7 @@ def _build(method: str, ctx: dict[str, Any], args: argparse.Namespace) -> tuple[
     """The measured callable of one method, a small warm-up for it, and the Patchscope (ours only)."""
     import torch
 
-    from pytest_patchscope.presets import ENTITY_DESCRIPTION
+    from pytest_patchscope.probes.presets import ENTITY_DESCRIPTION
 
     pm, hf, tokenizer = ctx.get("pm"), ctx.get("hf"), ctx["tokenizer"]
     target_ids, i_star, source_ids, i_src = ctx["target_ids"], ctx["i_star"], ctx["source_ids"], ctx["i_src"]
@@ -344,7 +344,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(args.threads)
-    from pytest_patchscope.presets import ENTITY_DESCRIPTION
+    from pytest_patchscope.probes.presets import ENTITY_DESCRIPTION
 
     method = args.method
     layers = _layers(args)
@@ -422,9 +422,9 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _row_stub(pm: Any, target_ids: list[int], i_star: int, n_new: int) -> Any:
-    from pytest_patchscope.engine import _Row
+    from pytest_patchscope.engine.rows import Row
 
-    return _Row(target_ids=tuple(target_ids), split=i_star, max_new_tokens=n_new)
+    return Row(target_ids=tuple(target_ids), split=i_star, max_new_tokens=n_new)
 
 
 def _layers(args: argparse.Namespace) -> list[int]:
@@ -547,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- parent ----------------------------------------------------------------------------
     global DEFAULT_BATCH_MEMORY_MB
     try:
-        from pytest_patchscope.engine import DEFAULT_BATCH_MEMORY_MB
+        from pytest_patchscope.engine.runner import DEFAULT_BATCH_MEMORY_MB
     except ImportError:
         pass
     layers = _layers(args)

@@ -8,46 +8,10 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
-from .errors import ProbeConfigError
-from .probe import finite_real
-from .profile import LocalizationProfile
-from .results import PatchResult, contains
-
-
-def _text_line(text: str | None, degenerate: str | None, generated: bool) -> str:
-    if not generated:
-        return "(none generated: max_new_tokens=0 scores only)"
-    return repr(text) + (f"  [degenerate: {degenerate}]" if degenerate else "")
-
-
-def describe_scores(result: PatchResult) -> list[str]:
-    """Every candidate's score after the patched and the clean target, one line each."""
-    if not result.scores:
-        return []
-    width = max(len(repr(c)) for c in result.scores)
-    lines = [f"  {'candidate':<{width}}  {'patched logprob (mean, rank)':<32}clean logprob (mean, rank)"]
-    for candidate, score in sorted(result.scores.items(), key=lambda item: -item[1].logprob):
-        clean = result.clean_scores.get(candidate) if result.clean_scores else None
-        shown = "" if clean is None else f"{clean.logprob:9.3f} ({clean.mean_logprob:.3f}, {clean.rank})"
-        lines.append(f"  {candidate!r:<{width}}  {f'{score.logprob:9.3f} ({score.mean_logprob:.3f}, {score.rank})':<32}{shown}")
-    return lines
-
-
-def describe_failure(result: PatchResult, expectation: str) -> str:
-    """What failed, then the probe, its patched and clean text (flagged when degenerate), any
-    candidate scores, and the probe as code (for @example)."""
-    generated = result.probe.max_new_tokens > 0
-    lines = [
-        expectation,
-        f"  probe:    {result.probe.describe()}",
-        f"  patched:  {_text_line(result.text, result.degenerate, generated)}",
-        f"  clean:    {_text_line(result.clean_text, result.clean_degenerate, generated)}",
-    ]
-    if len(result.samples) > 1:
-        lines.append(f"  samples:  {[s.text for s in result.samples]!r}")
-    lines += describe_scores(result)
-    lines.append(f"  as code:  {result.probe!r}")
-    return "\n".join(lines)
+from pytest_patchscope.baseline.profile import LocalizationProfile
+from pytest_patchscope.engine.results import PatchResult, contains, describe_failure
+from pytest_patchscope.errors import ProbeConfigError
+from pytest_patchscope.validation import check_int, finite_real, layer_list
 
 
 def assert_patched_generation_contains(result: PatchResult, expected: str, *, case_sensitive: bool = False) -> None:
@@ -114,12 +78,17 @@ def assert_patched_prefers(result: PatchResult, expected: str, *, over: Iterable
 def assert_localized(profile: LocalizationProfile, layers: Iterable[int] | None = None, *, min_hits: int = 1) -> None:
     """The expected answer was decoded at least `min_hits` times among source `layers` (default: all swept)."""
     __tracebackhide__ = True
+    if not isinstance(profile, LocalizationProfile):
+        raise ProbeConfigError("profile", profile, "a LocalizationProfile (what patchscope.sweep(...) returns)")
     if profile.expect is None:
-        raise AssertionError("assert_localized needs a profile swept with expect=...; this one has none")
-    wanted = sorted(set(profile.layers if layers is None else layers))
+        raise ProbeConfigError("profile", profile.probe.get("source"), "a profile swept with expect=...; this one has none",
+                               "Pass expect='...' (or candidates=[...]) to sweep().")
+    n_layers = profile.architecture.get("n_layers") or max(profile.layers) + 1
+    wanted = sorted(set(profile.layers if layers is None else layer_list("layers", layers, n_layers)))
     missing = sorted(set(wanted) - set(profile.layers))
     if missing:
-        raise AssertionError(f"assert_localized: layers {missing} were not swept (swept: {profile.layers})")
+        raise ProbeConfigError("layers", layers, f"layers that were swept ({profile.layers}); {missing} were not")
+    check_int("min_hits", min_hits, 1, len(wanted), hint=f"There are {len(wanted)} layers to hit among.")
     hits = [layer for layer in profile.hit_layers if layer in wanted]
     if len(hits) < min_hits:
         raise AssertionError(

@@ -44,18 +44,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
-from .engine import DEFAULT_BATCH_MEMORY_MB, run_probes
-from .errors import PatchscopeError, ProbeConfigError, ReportError
-from .presets import TOKEN_IDENTITY
-from .progress import ProgressLog, progress_label
-from .sites import DEFAULT_SITE
+from pytest_patchscope.engine.runner import DEFAULT_BATCH_MEMORY_MB, run_probes
+from pytest_patchscope.errors import PatchscopeError, ProbeConfigError, ReportError
+from pytest_patchscope.model.sites import DEFAULT_SITE
+from pytest_patchscope.probes.presets import TOKEN_IDENTITY
+from pytest_patchscope.progress import ProgressLog, progress_label
+from pytest_patchscope.validation import as_int, check_int
 
 if TYPE_CHECKING:
     import torch
 
-    from .mappings import AffineMapping
-    from .models import PatchscopeModel
-    from .scope import Patchscope
+    from pytest_patchscope.model.loading import PatchscopeModel
+    from pytest_patchscope.probes.mappings import AffineMapping
+    from pytest_patchscope.scope import Patchscope
 
 DEFAULT_N = 1000
 DEFAULT_MIN_TOKENS = 8
@@ -190,8 +191,7 @@ def sample_windows(
     equally likely end; the window length is uniform. Deterministic in (corpus, pool, seed, salt),
     and prefix-stable: the first k samples of n are the samples of n = k.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ProbeConfigError("n", n, "an int >= 0")
+    check_int("n", n, 0)
     if not (isinstance(min_tokens, int) and isinstance(max_tokens, int) and 2 <= min_tokens <= max_tokens):
         raise ProbeConfigError("min_tokens/max_tokens", (min_tokens, max_tokens), "ints with 2 <= min_tokens <= max_tokens")
     if n == 0:
@@ -244,7 +244,7 @@ def capture_states(
     """
     import torch
 
-    from .engine import Engine
+    from pytest_patchscope.engine.runner import Engine
 
     engine = Engine(model)
     wanted = sorted(set(layers))
@@ -456,7 +456,7 @@ def parse_layers(spec: str | Iterable[int] | None, n_layers: int) -> list[int]:
             values = [spec] if isinstance(spec, int) else list(spec)
         except TypeError:
             raise ProbeConfigError("layers", spec, allowed) from None
-    if not values or any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < n_layers for v in values):
+    if not values or any(as_int(v) is None or not 0 <= v < n_layers for v in values):
         raise ProbeConfigError("layers", spec, allowed)
     return sorted(set(values))
 
@@ -496,16 +496,14 @@ def evaluate_nexttoken(
     """
     import torch
 
-    from .mappings import AffineMapping
+    from pytest_patchscope.probes.mappings import AffineMapping
 
     model = scope.model
     L = model.n_layers
     chosen = parse_layers(layers, L)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ProbeConfigError("n", n, "an int >= 1")
+    check_int("n", n, 1)
     n_train = n if n_train is None else n_train
-    if isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 0:
-        raise ProbeConfigError("n_train", n_train, "an int >= 0 (0 skips the affine maps)")
+    check_int("n_train", n_train, 0, hint="0 skips the affine maps.")
     if documents is None:
         documents = default_corpus()
         corpus_name = corpus_name or "pydoc_data.topics"
@@ -664,7 +662,7 @@ def _matplotlib() -> tuple[Any, Any]:
 
 def plot_nexttoken(report: NextTokenReport, path: str | Path) -> Path:
     """Fig. 2 of the paper for this model: Precision@1 (left) and surprisal (right) over layers."""
-    from .fileio import atomic_write
+    from pytest_patchscope.fileio import atomic_write
 
     Figure, FigureCanvasAgg = _matplotlib()
     fig = Figure(figsize=(10, 3.8), layout="constrained")
@@ -695,7 +693,7 @@ def write_outputs(
     report: NextTokenReport, out: str | Path, *, maps: dict[int, "AffineMapping"] | None = None, plot: bool = True, log: Log = _quiet
 ) -> dict[str, str]:
     """Write the tables, per-sample tops, affine maps and (plot=True) the figure into `out`."""
-    from .fileio import atomic_write
+    from pytest_patchscope.fileio import atomic_write
 
     directory = Path(out)
     files = {
@@ -771,8 +769,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(message, file=sys.stderr, flush=True)
 
     try:
-        from .scope import Patchscope
-        from .workers import detect_device, parse_device
+        from pytest_patchscope.model.devices import detect_device, parse_device
+        from pytest_patchscope.scope import Patchscope
 
         documents = read_corpus(args.text) if args.text else None
         corpus_name = ", ".join(Path(p).name for p in args.text) if args.text else None

@@ -3,8 +3,11 @@
 `patchscope.record(profile)` compares a sweep's LocalizationProfile with its baseline entry (or
 with the same sweep on `--patchscope-compare-model`), fails the test on a regression or a missing
 entry, and adds it to the session summary. Only the controller writes the baseline and reports.
-A gate is never silent: entries that matched nothing, probes without an entry, and a baseline
-from another checkpoint are always said out loud.
+A gate is never silent: entries that matched nothing, probes without an entry, a record() with
+nothing to compare against, and a baseline from another checkpoint are always said out loud. A
+baseline of another checkpoint fails each test that would compare with it, unless
+``--patchscope-compare-checkpoint`` asks for that comparison; an update that writes nothing (an
+interrupted session, a crashed xdist worker, no probe recorded) is a failing exit.
 """
 from __future__ import annotations
 
@@ -16,33 +19,35 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import pytest
 
-from .baseline.comparator import Comparison, Tolerances, architecture_mismatch, compare_profiles
-from .baseline.keys import anchored_test_id, profile_key, project_root
-from .baseline.render import render_comparison
-from .baseline.serializer import (
+from pytest_patchscope.baseline.comparator import (
+    Comparison,
+    Tolerances,
+    architecture_mismatch,
+    checkpoint_mismatch,
+    compare_profiles,
+)
+from pytest_patchscope.baseline.keys import anchored_test_id, profile_key, project_root, unmarked_anchor
+from pytest_patchscope.baseline.render import render_comparison
+from pytest_patchscope.baseline.serializer import (
+    COMPARE_CHECKPOINT_OPTION,
     REWRITE_OPTION,
     UPDATE_OPTION,
     BaselineFile,
     Entry,
     describe_checkpoint,
     from_json,
+    same_checkpoint,
     to_json,
 )
-from .baseline.storage import read_baseline, update_baseline
-from .errors import BaselineError, PatchscopeError, ProbeConfigError
-from .html_report import HTML_REPORT_OPTION, check_html_report_path, write_html_report
-from .options import flag_setting, path_setting
-from .report import (
-    SessionSummary,
-    junit_properties,
-    render_terminal_summary,
-    write_heatmaps,
-    write_json_report,
-    write_markdown_report,
-)
+from pytest_patchscope.baseline.storage import read_baseline, update_baseline
+from pytest_patchscope.errors import BaselineError, PatchscopeError, ProbeConfigError
+from pytest_patchscope.options import flag_setting, path_setting
+from pytest_patchscope.reports.formats import junit_properties, render_terminal_summary, write_heatmaps, write_json_report, write_markdown_report
+from pytest_patchscope.reports.html import HTML_REPORT_OPTION, check_html_report_path, write_html_report
+from pytest_patchscope.reports.summary import SessionSummary
 
 if TYPE_CHECKING:
-    from .profile import LocalizationProfile
+    from pytest_patchscope.baseline.profile import LocalizationProfile
 
 TOLERANCE_MARKER = "patchscope_tolerance"
 ALLOW_NEW_OPTION = "--patchscope-allow-new"
@@ -58,6 +63,9 @@ SETUP_OUTPUT_KEY = "patchscope_setup"
 BASELINE_INPUT_KEY = "patchscope_baseline_text"
 """workerinput key: the controller's baseline file text, so every worker (on any host) compares
 against the same baseline, even where the baseline path does not exist or differs on its host."""
+REFUSED_PROPERTY, REFUSED_KEY_PROPERTY = "patchscope.refused_checkpoint", "patchscope.refused_key"
+"""user_properties (and JUnit) names: this run's checkpoint and the key, on a test refused because the
+baseline is of another checkpoint; the controller reads them from the reports, which xdist forwards."""
 REPORT_OPTIONS = ("patchscope_report", "patchscope_report_md", "patchscope_heatmap", "patchscope_report_html")
 
 
@@ -68,9 +76,9 @@ def configure_reports(config: pytest.Config, gate: "Gate") -> None:
     if target and not _is_worker(config):
         check_html_report_path(Path(target))
     if config.pluginmanager.hasplugin("html") and config.getoption("htmlpath", None):
-        from .html_extras import HtmlExtras  # imports pytest_html; only reached when its plugin is active
+        from pytest_patchscope.html_extras import HtmlExtras  # imports pytest_html; only reached when its plugin is active
 
-        config.pluginmanager.register(HtmlExtras(gate), "patchscope-html-extras")
+        config.pluginmanager.register(HtmlExtras(gate.summary), "patchscope-html-extras")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -94,6 +102,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="Reference checkpoint: run every recorded sweep on it too and compare (no baseline file). "
                     "[ini: patchscope_compare_model]")
     parser.addini("patchscope_compare_model", help="Reference checkpoint to compare every recorded sweep against.")
+    group.addoption(COMPARE_CHECKPOINT_OPTION, dest="patchscope_compare_checkpoint", action="store_true", default=False,
+                    help="Gate this run's checkpoint against a baseline recorded on another checkpoint (of the same "
+                    "architecture) instead of refusing to; the summary says so. [ini: patchscope_compare_checkpoint]")
+    parser.addini("patchscope_compare_checkpoint", type="bool", default=False,
+                  help="Compare with a baseline recorded on another checkpoint instead of refusing to.")
     parser.addini("patchscope_tolerances", type="args",
                   help="Global comparison tolerances, e.g. max_first_hit_shift=2 max_score_drop=2.0.")
     group.addoption("--patchscope-report", dest="patchscope_report", metavar="PATH.json", default=None,
@@ -181,6 +194,7 @@ class Gate:
         compare_spec: str | None,
         tolerances: Tolerances,
         replacing: bool = False,
+        compare_checkpoint: bool = False,
     ) -> None:
         self.config = config
         self.baseline_path = baseline_path
@@ -191,6 +205,12 @@ class Gate:
         self.compare_spec = compare_spec
         self.tolerances = tolerances
         self.replacing = replacing
+        self.compare_checkpoint = compare_checkpoint
+        """Compare with a baseline of another checkpoint instead of refusing to (COMPARE_CHECKPOINT_OPTION)."""
+        self.key_anchor = unmarked_anchor(baseline_path, config.rootpath)
+        """Where test paths in keys start when no project marker lies above a test (baseline/keys.py)."""
+        self.refused: dict[str, set[str]] = {}
+        """This run's checkpoint -> the keys of the tests refused because the baseline is of another checkpoint."""
         """The baseline file is unreadable or of an older format, and the rewrite replaces it."""
         self.summary = SessionSummary()
         self.keys_seen: dict[str, str] = {}
@@ -234,6 +254,7 @@ class Gate:
                 "Gate against either a baseline file or a reference model, not both.",
             )
         allow_new = flag_setting(config, "patchscope_allow_new")
+        compare_checkpoint = flag_setting(config, "patchscope_compare_checkpoint")
         baseline: BaselineFile | None = None
         replacing = False
         shipped = getattr(config, "workerinput", {}).get(BASELINE_INPUT_KEY)
@@ -257,6 +278,7 @@ class Gate:
         return cls(
             config, baseline_path=baseline_path, baseline=baseline, update=update, rewrite=rewrite,
             allow_new=allow_new, compare_spec=compare_spec, tolerances=tolerances, replacing=replacing,
+            compare_checkpoint=compare_checkpoint,
         )
 
     @property
@@ -286,7 +308,7 @@ class Gate:
                 "baseline entry. Define it with def at module level, give it a name (f.name = 'double'), or use "
                 "an AffineMapping or another torch.nn.Module (identified by its weights).",
             )
-        test = anchored_test_id(item.path, item.nodeid, self.config.rootpath)
+        test = anchored_test_id(item.path, item.nodeid, self.key_anchor)
         if key is None:
             key = profile_key(test, profile.probe)
         elif not isinstance(key, str) or not key.strip():
@@ -305,6 +327,11 @@ class Gate:
             if mismatch:
                 where = f"reference model {self.compare_spec}" if self.compare_spec else f"baseline {self.baseline_path}"
                 pytest.fail(f"patchscope: {where}: {mismatch}", pytrace=False)
+            other = None if self.compare_spec or self.update or self.compare_checkpoint else checkpoint_mismatch(baseline, profile)
+            if other:
+                item.user_properties += [(REFUSED_PROPERTY, describe_checkpoint(profile.model, profile.weights_hash)),
+                                         (REFUSED_KEY_PROPERTY, key)]
+                pytest.fail(f"patchscope: baseline {self.baseline_path}: {other}.", pytrace=False)
         outcome: Comparison | LocalizationProfile = compare_profiles(baseline, profile, tol) if self.active else profile
         if isinstance(outcome, Comparison) and outcome.status == "new" and not self.compare_spec:
             if not (self.update or self.allow_new):
@@ -336,7 +363,10 @@ class Gate:
             return
         if report.failed or report.skipped:
             path = self.config.rootpath / report.nodeid.split("::", 1)[0]
-            self.scope.not_passed.add(anchored_test_id(path, report.nodeid, self.config.rootpath))
+            self.scope.not_passed.add(anchored_test_id(path, report.nodeid, self.key_anchor))
+        properties = dict(report.user_properties)  # every later phase's report repeats them
+        if REFUSED_PROPERTY in properties:
+            self.refused.setdefault(str(properties[REFUSED_PROPERTY]), set()).add(str(properties.get(REFUSED_KEY_PROPERTY)))
 
     def _session_partial(self, session: pytest.Session, exitstatus: int) -> tuple[list[str], list[str]]:
         """(why no baseline may be written at all, why the session ran only part of the suite)."""
@@ -370,7 +400,7 @@ class Gate:
             return False
         file_part = entry.test.split("::", 1)[0]
         for root in self.scope.roots:
-            project = project_root(root if root.is_dir() else root.parent) or self.config.rootpath
+            project = project_root(root if root.is_dir() else root.parent) or self.key_anchor
             absolute = Path(os.path.abspath(project / file_part))
             if absolute == root or root in absolute.parents:
                 return True
@@ -391,15 +421,17 @@ class Gate:
         lines: list[str] = []
         entries = {r.key: Entry(r.profile, r.test) for r in self.summary.records}
         if self.baseline is not None and self.compare_spec is None:
-            self.summary.unused = sorted(set(self.baseline.entries) - set(entries))
+            refused = set().union(*self.refused.values())  # matched, but not compared: not unused
+            self.summary.unused = sorted(set(self.baseline.entries) - set(entries) - refused)
         if self.update and self.baseline_path is not None:
             stop, partial = self._session_partial(session, exitstatus)
             if errors:
                 errors.append(f"baseline {self.baseline_path} not written: fix the duplicate keys first.")
+            # A skipped update is always a failing exit, even when every test that ran passed.
             elif stop:
-                lines.append(f"baseline not written: {'; '.join(stop)}. Rerun the update to completion.")
+                errors.append(f"baseline not written: {'; '.join(stop)}. Rerun the update to completion.")
             elif not entries:
-                lines.append(f"baseline not written: this run recorded no probe ({self.baseline_path} is unchanged).")
+                errors.append(f"baseline not written: this run recorded no probe ({self.baseline_path} is unchanged).")
             elif self.rewrite and partial:
                 errors.append(
                     f"baseline {self.baseline_path} not rewritten: {REWRITE_OPTION} replaces the whole file, but this "
@@ -438,23 +470,33 @@ class Gate:
         self.finish_lines, self.finish_errors = lines, errors
 
     def _checkpoint_lines(self) -> list[str]:
-        """Always say what the run compares with, and when that is another checkpoint."""
+        """Always say what the run compares with (or that it compares nothing), and when that is
+        another checkpoint: refused, compared on request, or recorded over."""
         if self.compare_spec is not None:
             return [f"reference model: {self.compare_spec}"]
         if self.baseline is None:
             if self.baseline_path is None:
-                return []
+                return [NOTHING_COMPARED] if self.summary.records else []
             state = f"unreadable or of an older format; {REWRITE_OPTION} replaces it" if self.replacing else "no file yet"
             return [f"baseline: {self.baseline_path} ({state})"]
         baseline = self.baseline
         recorded_in = f" in {baseline.dtype}" if baseline.dtype else ""
         lines = [f"baseline: {self.baseline_path} ({len(baseline.entries)} entries, {baseline.checkpoint}{recorded_in})"]
-        runs = sorted({describe_checkpoint(r.profile.model, r.profile.weights_hash) for r in self.summary.records})
-        others = [run for run in runs if run != baseline.checkpoint]
-        if others:
+        runs = {(r.profile.model, r.profile.weights_hash) for r in self.summary.records}
+        others = {describe_checkpoint(*run) for run in runs if not same_checkpoint(baseline.model, baseline.weights_hash, *run)}
+        if others or self.refused:
+            if self.update:
+                how = "this update records this run's checkpoint"
+            elif self.compare_checkpoint:
+                how = (f"compared anyway, as {COMPARE_CHECKPOINT_OPTION} asks: a pass says that the two checkpoints "
+                       "agree within the tolerances")
+            else:
+                refused = len(set().union(*self.refused.values()))
+                how = (f"refused, nothing compared ({refused} test{'s' if refused != 1 else ''} failed); pass "
+                       f"{COMPARE_CHECKPOINT_OPTION} to gate this checkpoint against it")
             lines.append(
                 f"the baseline comes from another checkpoint ({baseline.checkpoint}) than this run "
-                f"({', '.join(runs)}): this run compares two checkpoints"
+                f"({', '.join(sorted(others | set(self.refused)))}): {how}"
             )
         dtypes = sorted({r.profile.dtype for r in self.summary.records if r.profile.dtype and r.profile.dtype != baseline.dtype})
         if baseline.dtype and dtypes:
@@ -468,6 +510,14 @@ class Gate:
     def baseline_text(self) -> str | None:
         """The baseline as sent to every xdist worker (serialized once, however many workers start)."""
         return None if self.baseline is None else to_json(self.baseline)
+
+
+NOTHING_COMPARED = (
+    "nothing was compared: no --patchscope-baseline (ini patchscope_baseline) was given, so each probe was "
+    f"only recorded. Record a baseline with --patchscope-baseline=PATH {UPDATE_OPTION}, then gate on it "
+    "with --patchscope-baseline=PATH"
+)
+"""The summary's first line when record() ran without a baseline or a reference model."""
 
 
 def _entries(n: int) -> str:
@@ -521,7 +571,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         for _, line in sorted(gate.worker_setups.items(), key=lambda item: (len(item[0]), item[0])):
             terminalreporter.write_line(line)
     lines = render_terminal_summary(gate.summary) + gate.finish_lines
-    if not lines and not gate.finish_errors and not gate.dead_workers:
+    if not lines and not gate.finish_errors and not gate.dead_workers and not gate.refused:
         return
     lines = gate.header_lines + lines
     terminalreporter.write_sep("-", "knowledge localization")

@@ -8,15 +8,13 @@ report, like the records themselves.
 from __future__ import annotations
 
 import html
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 from pytest_html import extras
 
-from .html_report import probe_fragment
-
-if TYPE_CHECKING:
-    from .gate import Gate
+from pytest_patchscope.reports.html import probe_fragment
+from pytest_patchscope.reports.summary import SessionSummary
 
 STATUS_ATTR = "patchscope_status"
 """TestReport attribute: the statuses of the sweeps recorded in that phase (the row's patchscope column)."""
@@ -26,15 +24,15 @@ class HtmlExtras:
     """Adds a ``patchscope`` column (the recorded sweeps' statuses) and, as html extras, each recorded
     sweep's figures and baseline/current heatmaps."""
 
-    def __init__(self, gate: "Gate") -> None:
-        self.gate = gate
+    def __init__(self, summary: SessionSummary) -> None:
+        self.summary = summary
         self.attached = 0
         """How many of this process's records already went into a report."""
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
         report = yield
-        new = self.gate.summary.added_since(self.attached)
+        new = self.summary.added_since(self.attached)
         self.attached += len(new)
         if new:
             report.extras = list(getattr(report, "extras", [])) + [extras.html(probe_fragment(r)) for r in new]

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from pytest_patchscope.errors import ProbeConfigError
+
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
@@ -34,7 +36,7 @@ def int_setting(config: pytest.Config, name: str, default: int) -> int:
     except ValueError:
         value = 0
     if value < 1:
-        raise pytest.UsageError(f"{_flag(name)}={raw!r} is not valid: an int >= 1.")
+        raise pytest.UsageError(str(ProbeConfigError(_flag(name), raw, "an int >= 1")))
     return value
 
 
@@ -47,13 +49,13 @@ def flag_setting(config: pytest.Config, name: str) -> bool:
         return False
     if raw in ("1", "true", "yes", "on"):
         return True
-    raise pytest.UsageError(f"ini {name}={raw!r} is not valid: true or false.")
+    raise pytest.UsageError(str(ProbeConfigError(f"ini {name}", raw, "true or false (also yes/no, on/off, 1/0)")))
 
 
 def model_spec(text: str, base: Path) -> str:
     """A model setting: 'default' and a hub id with no such path under ``base`` pass unchanged,
     anything else is a path relative to ``base``."""
-    from .models import looks_like_hub_id
+    from pytest_patchscope.model.loading import looks_like_hub_id
 
     if text == "default" or (looks_like_hub_id(text) and not (base / text).exists()):
         return text

@@ -1,43 +1,45 @@
 """The pytest plugin: options, ini keys, markers, fixtures and the report header.
 
-Thin on purpose: everything it does is a call into the engine (scope.py, models.py) or into
+Thin on purpose: everything it does is a call into the engine (scope.py, model/) or into
 the baseline/report modules; it only decides which model a test uses and where results go.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Concatenate, Iterator, ParamSpec, TypeVar
 
 import pytest
 
 pytest.register_assert_rewrite("pytest_patchscope.assertions")
 
-from .backend import dtype_name  # noqa: E402
-from .baseline.keys import project_root  # noqa: E402
-from .engine import DEFAULT_BATCH_MEMORY_MB, DEFAULT_MAX_NEW_TOKENS_LIMIT  # noqa: E402
-from .errors import PatchscopeError, ProbeConfigError  # noqa: E402
-from .options import flag_setting, int_setting, model_spec, path_setting, setting  # noqa: E402
-from .progress import ProgressLog, TerminalBar, combine, is_terminal, under_xdist_worker  # noqa: E402
+from pytest_patchscope.baseline.keys import project_root  # noqa: E402
+from pytest_patchscope.engine.runner import DEFAULT_BATCH_MEMORY_MB, DEFAULT_MAX_NEW_TOKENS_LIMIT  # noqa: E402
+from pytest_patchscope.errors import PatchscopeError, ProbeConfigError  # noqa: E402
+from pytest_patchscope.model.devices import dtype_name  # noqa: E402
+from pytest_patchscope.options import flag_setting, int_setting, model_spec, path_setting, setting  # noqa: E402
+from pytest_patchscope.progress import ProgressLog, TerminalBar, combine, is_terminal, under_xdist_worker  # noqa: E402
+from pytest_patchscope.scope import Patchscope  # noqa: E402
 
-# The localization gate (baseline, comparison, reports, xdist merge) is its own plugin module.
-pytest_plugins = ["pytest_patchscope.gate"]
+# The localization gate (baseline, comparison, reports, xdist merge) and the fact-table collector
+# (*.patchscope.yaml files as tests) are their own plugin modules.
+pytest_plugins = ["pytest_patchscope.gate", "pytest_patchscope.fact_tables"]
 
 if TYPE_CHECKING:
-    from .baseline.comparator import Comparison
-    from .engine import ProgressCallback
-    from .models import PatchscopeModel
-    from .probe import Probe
-    from .profile import LocalizationProfile
-    from .results import PatchResult
-    from .scope import Patchscope
-    from .workers import WorkerSetup
+    from pytest_patchscope.baseline.comparator import Comparison
+    from pytest_patchscope.baseline.profile import LocalizationProfile
+    from pytest_patchscope.model.loading import PatchscopeModel
+    from pytest_patchscope.progress import ProgressCallback
+    from pytest_patchscope.workers import WorkerSetup
 
 LOGGER = logging.getLogger("pytest_patchscope")
+R = TypeVar("R")
+P = ParamSpec("P")
 
 MODEL_MARKER = "patchscope_model"
 GPU_MARKER = "patchscope_requires_gpu"
@@ -78,7 +80,7 @@ def pytest_configure(config: pytest.Config) -> None:
         f"{MODEL_MARKER}(path): probe this test or module with another model (an HF directory or .gguf file).",
     )
     config.addinivalue_line("markers", f"{GPU_MARKER}: skip this test when no CUDA GPU is available.")
-    from .workers import configure_worker
+    from pytest_patchscope.workers import configure_worker
 
     config.option.patchscope_device = setting(config, "patchscope_device") or "auto"
     try:
@@ -93,7 +95,7 @@ class PatchscopeSession:
     """Per-process state: the models loaded so far (an LRU) and the test being run."""
 
     def __init__(self, config: pytest.Config, setup: "WorkerSetup") -> None:
-        from .workers import ModelCache
+        from pytest_patchscope.workers import ModelCache
 
         self.config = config
         self.setup = setup
@@ -107,12 +109,28 @@ class PatchscopeSession:
         except PatchscopeError as exc:
             raise pytest.UsageError(str(exc)) from None
         self.models: ModelCache["Patchscope"] = ModelCache(int_setting(config, "patchscope_max_models", 2))
+        self._check_model_setting()
         self.progress_mode = _progress_mode(config)
         # pytest's own output stream, looked at now: during a test its file descriptor is captured too.
         self.terminal_stream = sys.stdout
         self.on_terminal = is_terminal(sys.stdout)
         self.bars: list[TerminalBar] = []
         self.current_item: pytest.Item | None = None
+        self.load_failures: dict[str, str] = {}
+        """Model specs that failed to load this session, with their message (shown in full once)."""
+
+    def _check_model_setting(self) -> None:
+        """A model named by --patchscope-model or the ini key is found now, before any test runs: a
+        missing path or an uncached hub id is one usage error, not a failure in every test."""
+        from pytest_patchscope.model.loading import resolve_model_source
+
+        spec = self.default_spec()
+        if spec is None:
+            return
+        try:
+            resolve_model_source(spec)
+        except PatchscopeError as exc:
+            raise pytest.UsageError(str(exc)) from None
 
     def default_spec(self) -> str | None:
         """--patchscope-model (relative to the working directory) or the ini key (relative to the ini file)."""
@@ -123,7 +141,7 @@ class PatchscopeSession:
         if marker is None:
             return self.default_spec()
         if len(marker.args) != 1 or not isinstance(marker.args[0], (str, Path)):
-            raise pytest.UsageError(f"@pytest.mark.{MODEL_MARKER} takes one path argument; got {marker.args!r}")
+            raise pytest.UsageError(str(ProbeConfigError(f"@pytest.mark.{MODEL_MARKER}", marker.args, "one model argument: a path, a GGUF file or a hub id")))
         raw = str(marker.args[0])
         if raw == "default":
             return None
@@ -132,8 +150,9 @@ class PatchscopeSession:
 
     def scope(self, spec: str | None) -> "Patchscope":
         """The Patchscope for `spec`, loading the model the first time it is asked for."""
-        from .models import load_model
-        from .scope import Patchscope
+        from pytest_patchscope.model.loading import load_model
+
+        name = spec or "default"
 
         def load() -> Patchscope:
             started = time.perf_counter()
@@ -143,7 +162,10 @@ class PatchscopeSession:
                     trust_remote_code=self.trust_remote_code,
                 )
             except PatchscopeError as exc:
-                pytest.fail(str(exc), pytrace=False)
+                self.load_failures[name] = str(exc)
+                model = None
+            if model is None:  # failed outside the except block, so the message is not printed twice (chained)
+                pytest.fail(self.load_failures[name], pytrace=False)
             LOGGER.info("loaded %s in %.1f s", model, time.perf_counter() - started)
             return Patchscope(
                 model,
@@ -153,14 +175,17 @@ class PatchscopeSession:
                 progress=_log_progress(self),
             )
 
-        return self.models.get_or_load(spec or "default", load)
+        if name in self.load_failures:  # tried once this session: say so in one line, not the whole message again
+            first = self.load_failures[name].splitlines()[0]
+            pytest.fail(f"model {name!r} could not be loaded (the first test that used it shows why): {first[:200]}", pytrace=False)
+        return self.models.get_or_load(name, load)
 
 
 def _device_map_setting(raw: str | None) -> str | dict[str, Any] | None:
     """--patchscope-device-map: a strategy name or a JSON object, checked against this machine's devices."""
     import json
 
-    from .backend import check_device_map
+    from pytest_patchscope.model.devices import check_device_map
 
     if raw in (None, ""):
         return None
@@ -182,7 +207,7 @@ def _progress_mode(config: pytest.Config) -> str:
     """--patchscope-progress / ini patchscope_progress: auto, on or off."""
     raw = setting(config, "patchscope_progress") or "auto"
     if raw.strip().lower() not in PROGRESS_MODES:
-        raise pytest.UsageError(f"--patchscope-progress={raw!r} is not valid: auto, on or off.")
+        raise pytest.UsageError(str(ProbeConfigError("--patchscope-progress", raw, "auto, on or off")))
     return raw.strip().lower()
 
 
@@ -241,7 +266,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """On an xdist worker that loaded a model: send its device line for the controller's summary."""
-    from .gate import SETUP_OUTPUT_KEY
+    from pytest_patchscope.gate import SETUP_OUTPUT_KEY
 
     patchscope = _session(session.config)
     workeroutput = getattr(session.config, "workeroutput", None)
@@ -258,7 +283,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    from .models import load_dtype, resolve_model_source, weights_hash
+    from pytest_patchscope.model.loading import load_dtype, resolve_model_source, weights_hash
 
     session = _session(config)
     spec = session.default_spec()
@@ -274,18 +299,38 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 # ---- fixtures -------------------------------------------------------------------------------------
-class PytestPatchscope:
+def _delegate(method: Callable[Concatenate["Patchscope", P], R]) -> Callable[Concatenate["PatchscopeFixture", P], R]:
+    """A fixture method with the signature of the Patchscope method it calls on the test's model.
+
+    A source_model given as a spec comes from the session's cache, like the test's own model, and
+    bad input is raised from the user's own line (see `_user_facing`).
+    """
+
+    @functools.wraps(method)
+    def call(self: "PatchscopeFixture", *args: P.args, **kwargs: P.kwargs) -> R:
+        __tracebackhide__ = True
+        spec = kwargs.get("source_model")
+        if isinstance(spec, (str, os.PathLike)):
+            kwargs["source_model"] = self.model_for(spec)
+        return _user_facing(getattr(self.current, method.__name__), *args, **kwargs)
+
+    return call
+
+
+class PatchscopeFixture:
     """The `patchscope` fixture's object: a Patchscope for whichever model the running test uses.
 
-    Session-scoped (so it works inside Hypothesis @given tests), it looks up the current test's
-    `patchscope_model` marker at each call.
+    Its methods have `Patchscope`'s signatures (annotate a test's argument with this type for
+    completion and type checks). Session-scoped, so it works inside Hypothesis @given tests, it
+    looks up the current test's `patchscope_model` marker at each call.
     """
 
     def __init__(self, session: PatchscopeSession) -> None:
         self._session = session
 
     @property
-    def current(self) -> "Patchscope":
+    def current(self) -> Patchscope:
+        """The Patchscope of the running test's model (its marker's, or the session's)."""
         return self._session.scope(self._session.spec_for(self._session.current_item))
 
     @property
@@ -296,53 +341,30 @@ class PytestPatchscope:
         """Another model from the session's cache, loaded the first time: e.g. a probe's source_model."""
         return self._session.scope(str(spec)).model
 
-    def _session_models(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """A source_model given as a spec comes from the session's cache, like the test's own model."""
-        if isinstance(kwargs.get("source_model"), (str, os.PathLike)):
-            kwargs["source_model"] = self.model_for(kwargs["source_model"])
-        return kwargs
+    probe = _delegate(Patchscope.probe)
+    generate = _delegate(Patchscope.generate)
+    score = _delegate(Patchscope.score)
+    run = _delegate(Patchscope.run)
+    check_all = _delegate(Patchscope.check_all)
+    _sweep = _delegate(Patchscope.sweep)
 
-    def probe(self, *args: Any, **kwargs: Any) -> "Probe":
-        """Patchscope.probe on the test's model."""
-        __tracebackhide__ = True
-        return _user_facing(self.current.probe, *args, **self._session_models(kwargs))
-
-    def generate(self, *args: Any, **kwargs: Any) -> "PatchResult":
-        """Patchscope.generate on the test's model."""
-        __tracebackhide__ = True
-        return _user_facing(self.current.generate, *args, **self._session_models(kwargs))
-
-    def score(self, *args: Any, **kwargs: Any) -> "PatchResult":
-        """Patchscope.score on the test's model: candidates teacher-forced after the patched and the clean target."""
-        __tracebackhide__ = True
-        return _user_facing(self.current.score, *args, **self._session_models(kwargs))
-
-    def run(self, *args: Any, **kwargs: Any) -> "list[PatchResult]":
-        """Patchscope.run on the test's model."""
-        __tracebackhide__ = True
-        return _user_facing(self.current.run, *args, **kwargs)
-
-    def check_all(self, *args: Any, **kwargs: Any) -> "list[PatchResult]":
-        """Patchscope.check_all on the test's model: many drawn probes in one batched job."""
-        __tracebackhide__ = True
-        return _user_facing(self.current.check_all, *args, **kwargs)
-
-    def sweep(self, *args: Any, **kwargs: Any) -> "LocalizationProfile":
+    @functools.wraps(Patchscope.sweep)
+    def sweep(self, *args: Any, **kwargs: Any) -> LocalizationProfile:
         """Patchscope.sweep; with --patchscope-compare-model it also runs on the reference model."""
         __tracebackhide__ = True
-        from .gate import gate_of
+        from pytest_patchscope.gate import gate_of
 
-        profile = _user_facing(self.current.sweep, *args, **self._session_models(kwargs))
+        profile = self._sweep(*args, **kwargs)
         gate = gate_of(self._session.config)
         if gate.compare_spec is not None:
             gate.remember_reference(profile, _user_facing(self._session.scope(gate.compare_spec).sweep, *args, **kwargs))
         return profile
 
-    def record(self, profile: "LocalizationProfile", key: str | None = None, **tolerances: Any) -> "Comparison | LocalizationProfile":
+    def record(self, profile: LocalizationProfile, key: str | None = None, **tolerances: Any) -> "Comparison | LocalizationProfile":
         """Record a LocalizationProfile against a stable key, compare it with the baseline (or the
         reference model) under the tolerances, and fail this test on a regression or a missing entry."""
         __tracebackhide__ = True
-        from .gate import gate_of
+        from pytest_patchscope.gate import gate_of
 
         item = self._session.current_item
         if item is None:
@@ -375,6 +397,6 @@ def patchscope_model(pytestconfig: pytest.Config) -> "PatchscopeModel":
 
 
 @pytest.fixture(scope="session")
-def patchscope(pytestconfig: pytest.Config) -> PytestPatchscope:
+def patchscope(pytestconfig: pytest.Config) -> PatchscopeFixture:
     """Patchscopes probes bound to the test's model: .generate(), .score(), .sweep(), .run(), .probe()."""
-    return PytestPatchscope(_session(pytestconfig))
+    return PatchscopeFixture(_session(pytestconfig))

@@ -21,14 +21,15 @@ import time
 from contextvars import ContextVar
 from typing import IO, TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Union
 
-from .errors import ProbeConfigError
+from pytest_patchscope.errors import ProbeConfigError
 
 if TYPE_CHECKING:
     from tqdm import tqdm
 
-    from .engine import ProgressCallback
-
-ProgressSetting = Union[None, bool, str, "ProgressCallback"]
+ProgressCallback = Callable[[float, int], None]
+"""progress(done, total): probes done of the job's total; `done` grows within a chunk too (by
+decoding steps), so it may be fractional, and reaches `total` exactly when the job ends."""
+ProgressSetting = Union[None, bool, str, ProgressCallback]
 """What `Patchscope(progress=...)` takes: see `resolve_progress`."""
 
 DEFAULT_LABEL = "patchscope"
@@ -273,3 +274,4 @@ def resolve_progress(value: Any, field: str = "progress") -> "ProgressCallback |
     if callable(value):
         return value
     raise ProbeConfigError(field, value, ALLOWED)
+

@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
-from .assertions import describe_failure
-from .decoding import Decoding
-from .engine import DEFAULT_BATCH_MEMORY_MB, DEFAULT_MAX_NEW_TOKENS_LIMIT, Engine, ProgressCallback, run_probes
-from .errors import ProbeConfigError, warn_at_caller
-from .models import PatchscopeModel, load_model
-from .presets import Preset
-from .probe import Mapping, Positions, Probe, finite_real
-from .profile import LayerCell, LocalizationProfile
-from .progress import ProgressSetting, resolve_progress
-from .results import PatchResult, contains
-from .sites import DEFAULT_SITE, locate_site
+from pytest_patchscope.baseline.profile import LayerCell, LocalizationProfile
+from pytest_patchscope.engine.results import PatchResult, contains, describe_failure
+from pytest_patchscope.engine.runner import DEFAULT_BATCH_MEMORY_MB, DEFAULT_MAX_NEW_TOKENS_LIMIT, Engine, run_probes
+from pytest_patchscope.errors import ProbeConfigError, warn_at_caller
+from pytest_patchscope.model.loading import PatchscopeModel, load_model
+from pytest_patchscope.model.sites import DEFAULT_SITE, locate_site
+from pytest_patchscope.probes.options import PatchOptions, decoding_of, keywords_checked
+from pytest_patchscope.probes.presets import Preset
+from pytest_patchscope.probes.probe import Positions, Probe
+from pytest_patchscope.progress import ProgressCallback, ProgressSetting, resolve_progress
+from pytest_patchscope.validation import as_int, check_int, finite_real, layer_list
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 DEFAULT_MAX_NEW_TOKENS = 20
 _INNER_PLACEHOLDER = re.compile(r"(^|\s)x\s+\S")
@@ -44,28 +48,6 @@ def _default_target_position(target: Any, target_position: Positions | None) -> 
     return -1
 
 
-def _layer_list(field_name: str, layers: Any, n_layers: int) -> list[int]:
-    """An int, range or iterable of layers as a list, each checked (a huge range fails at its first bad layer)."""
-    if layers is None:
-        return list(range(n_layers))
-    if isinstance(layers, int) and not isinstance(layers, bool):
-        layers = [layers]
-    allowed = f"an int, a range or a list of ints from 0 to {n_layers - 1} (the model has {n_layers} layers)"
-    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
-        raise ProbeConfigError(field_name, layers, allowed)
-    values = []
-    for value in layers:
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n_layers:
-            raise ProbeConfigError(
-                field_name, layers, f"{allowed}; {value!r} is not",
-                "Negative layers are not accepted; use model.n_layers - 1 for the last layer.",
-            )
-        values.append(value)
-    if not values:
-        raise ProbeConfigError(field_name, layers, "a non-empty range or list of layers")
-    return values
-
-
 def _candidates_tuple(candidates: Any) -> Any:
     """A list of candidates as the tuple a Probe holds (None: none); anything else for resolve_probe to refuse."""
     if candidates is None:
@@ -80,6 +62,23 @@ def _candidates_tuple(candidates: Any) -> Any:
 def _units_tuple(units: Any) -> Any:
     """A list or range of units as the tuple a Probe holds; anything else unchanged, for resolve_probe to refuse."""
     return tuple(units) if isinstance(units, (list, tuple, range)) else units
+
+
+@dataclass(frozen=True)
+class ProbePlan:
+    """Probes to run as part of a batched job, and how a sweep folds their results into a profile.
+
+    `Patchscope.plan_sweep` builds a sweep's; a generate/score call is a plan of one probe
+    (`ProbePlan((probe,))`). `score_ids` are the first tokens whose log-probability every probe
+    of the plan keeps (a sweep's `expect`, see `Patchscope.expected_token_ids`).
+    """
+
+    probes: tuple[Probe, ...]
+    score_ids: tuple[int, ...] = ()
+    clean: bool = True
+    expect: str | None = None
+    grid: bool = False
+    per_unit: bool = False
 
 
 class Patchscope:
@@ -102,10 +101,8 @@ class Patchscope:
         batch_memory_mb: float = DEFAULT_BATCH_MEMORY_MB,
         progress: ProgressSetting = "auto",
     ) -> None:
-        if isinstance(max_new_tokens_limit, bool) or not isinstance(max_new_tokens_limit, int) or max_new_tokens_limit < 1:
-            raise ProbeConfigError("max_new_tokens_limit", max_new_tokens_limit, "an int >= 1")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ProbeConfigError("max_new_tokens", max_new_tokens, "an int >= 1")
+        check_int("max_new_tokens_limit", max_new_tokens_limit, 1)
+        check_int("max_new_tokens", max_new_tokens, 1)
         if max_new_tokens > max_new_tokens_limit:
             if max_new_tokens_limit == DEFAULT_MAX_NEW_TOKENS_LIMIT:  # the budget was raised past the default bound
                 raise ProbeConfigError(
@@ -150,6 +147,7 @@ class Patchscope:
         return cls(loaded, **kwargs)
 
     # ---- building probes -------------------------------------------------------------------
+    @keywords_checked
     def probe(
         self,
         source: str,
@@ -157,40 +155,28 @@ class Patchscope:
         *,
         layer: int,
         target_layer: int | None = None,
-        source_position: Positions = -1,
-        target_position: Positions | None = None,
-        mapping: Mapping | None = None,
-        strength: float = 1.0,
         max_new_tokens: int | None = None,
-        stop: Sequence[str] | None = None,
-        site: str = DEFAULT_SITE,
         units: Sequence[int] | None = None,
-        source_model: Any = None,
         candidates: Sequence[str] | None = None,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int | None = None,
-        seed: int = 0,
-        n_samples: int = 1,
-        repetition_penalty: float = 1.0,
-        no_repeat_ngram_size: int = 0,
+        **options: Unpack[PatchOptions],
     ) -> Probe:
         """A Probe with presets and defaults filled in (target_position None = -1 or the preset's).
 
-        `site` is what is read and written (see `pytest_patchscope.sites.SITES`: resid_post,
+        `site` is what is read and written (see `pytest_patchscope.model.sites.SITES`: resid_post,
         resid_pre, attn_out, mlp_out, neurons, heads); `units` limits the write to those indices
         of the site's first axis (checked when the probe runs). `source_model` runs S on another
         model (a PatchscopeModel, a Patchscope or a checkpoint spec): the paper's M != M*, with a
         `mapping` from its width to this model's (e.g. AffineMapping.fit on states of both).
         `candidates` are answers scored after the patched and the clean target (see `score`).
-        Decoding is greedy unless `do_sample`: then `temperature`, `top_k`, `top_p` shape the
-        distribution and sample k of `n_samples` draws from its own generator seeded `seed + k`;
-        `repetition_penalty` and `no_repeat_ngram_size` act as in HF `generate`.
+        Decoding is greedy unless `decoding=Decoding(do_sample=True, ...)` (or its shorthands, see
+        `PatchOptions`).
 
         A PatchscopeWarning says when a plain target's placeholder-like x would go unpatched.
         """
-        target_position = _default_target_position(target, target_position)
+        decoding = decoding_of(options)
+        source_position = options.get("source_position", -1)
+        target_position = _default_target_position(target, options.get("target_position"))
+        stop = options.get("stop")
         preset_name = None
         if isinstance(target, Preset):
             preset = target
@@ -198,7 +184,7 @@ class Patchscope:
             target = source if preset.target is None else preset.target
             if target_position is None:
                 target_position = source_position if preset.target_position is None else preset.target_position
-            if target_layer is None and isinstance(layer, int) and not isinstance(layer, bool):
+            if target_layer is None and as_int(layer) is not None:
                 target_layer = preset.resolve_target_layer(layer, self.model.n_layers)
             if stop is None:
                 stop = preset.stop
@@ -211,22 +197,20 @@ class Patchscope:
             target_layer=target_layer,
             source_position=source_position,
             target_position=-1 if target_position is None else target_position,
-            mapping=mapping,
-            strength=strength,
+            mapping=options.get("mapping"),
+            strength=options.get("strength", 1.0),
             max_new_tokens=self.max_new_tokens if max_new_tokens is None else max_new_tokens,
             stop=tuple(stop or ()),
             preset=preset_name,
-            site=site,
+            site=options.get("site", DEFAULT_SITE),
             units=_units_tuple(units),
-            source_model=source_model,
+            source_model=options.get("source_model"),
             candidates=_candidates_tuple(candidates),
-            decoding=Decoding(
-                do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, n_samples=n_samples,
-                repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-            ),
+            decoding=decoding,
         )
 
     # ---- running -------------------------------------------------------------------------------
+    @keywords_checked
     def generate(
         self,
         source: str,
@@ -234,26 +218,21 @@ class Patchscope:
         *,
         layer: int,
         target_layer: int | None = None,
-        source_position: Positions = -1,
-        target_position: Positions | None = None,
-        mapping: Mapping | None = None,
-        strength: float = 1.0,
         max_new_tokens: int | None = None,
-        stop: Sequence[str] | None = None,
-        site: str = DEFAULT_SITE,
         units: Sequence[int] | None = None,
-        source_model: Any = None,
-        **decoding: Any,
+        candidates: Sequence[str] | None = None,
+        **options: Unpack[PatchOptions],
     ) -> PatchResult:
         """Patch the site's value at (S, i, l) into T at (i*, l*) and generate (greedily, unless
-        `do_sample=True`: see `probe` for the decoding settings); the clean continuation comes too."""
+        decoding says to sample: see `probe`); the clean continuation comes too."""
+        options["target_position"] = _default_target_position(target, options.get("target_position"))
         probe = self.probe(
-            source, target, layer=layer, target_layer=target_layer, source_position=source_position,
-            target_position=_default_target_position(target, target_position), mapping=mapping, strength=strength,
-            max_new_tokens=max_new_tokens, stop=stop, site=site, units=units, source_model=source_model, **decoding,
+            source, target, layer=layer, target_layer=target_layer, max_new_tokens=max_new_tokens, units=units,
+            candidates=candidates, **options,
         )
         return self.run([probe])[0]
 
+    @keywords_checked
     def score(
         self,
         source: str,
@@ -261,8 +240,10 @@ class Patchscope:
         candidates: Sequence[str],
         *,
         layer: int,
+        target_layer: int | None = None,
         max_new_tokens: int = 0,
-        **probe_kwargs: Any,
+        units: Sequence[int] | None = None,
+        **options: Unpack[PatchOptions],
     ) -> PatchResult:
         """Teacher-force each candidate after the patched target, and after the clean one.
 
@@ -270,15 +251,16 @@ class Patchscope:
         its first token); `result.clean_scores[c]` the same for the clean target. A candidate with
         no leading space after a target that ends without one is scored as " " + c. All candidates
         share the probe's patched prompt pass and its keys/values. `max_new_tokens` > 0 also
-        generates (result.text); other keywords are those of `probe`.
+        generates (result.text); the other keywords are those of `probe`.
         """
         if isinstance(candidates, (list, tuple)) and not candidates:
             raise ProbeConfigError(
                 "candidates", candidates, "a non-empty list of distinct strings", "Pass the answers to score, e.g. candidates=['Paris', 'London']."
             )
+        options["target_position"] = _default_target_position(target, options.get("target_position"))
         probe = self.probe(
-            source, target, layer=layer, max_new_tokens=max_new_tokens, candidates=candidates,
-            target_position=_default_target_position(target, probe_kwargs.pop("target_position", None)), **probe_kwargs,
+            source, target, layer=layer, target_layer=target_layer, max_new_tokens=max_new_tokens, units=units,
+            candidates=candidates, **options,
         )
         return self.run([probe])[0]
 
@@ -329,6 +311,7 @@ class Patchscope:
                     candidates.setdefault(ids[0])
         return tuple(candidates)
 
+    @keywords_checked
     def sweep(
         self,
         source: str,
@@ -340,7 +323,8 @@ class Patchscope:
         clean: bool = True,
         units: Sequence[int] | str | None = None,
         candidates: Sequence[str] | None = None,
-        **generate_kwargs: Any,
+        max_new_tokens: int | None = None,
+        **options: Unpack[PatchOptions],
     ) -> LocalizationProfile:
         """One probe per source layer (target_layers None/"same": l* = l, or the preset's rule),
         or per (l, l*) pair when target_layers is a range/list; returns a LocalizationProfile.
@@ -352,10 +336,34 @@ class Patchscope:
         With `candidates`, every cell scores them (see `score`) and carries the margin of the
         expected one (`expect`, default the first candidate) over the best other; a cell is a hit
         when that margin is > 0, and its logprob/rank are the expected candidate's.
-        `max_new_tokens=0` then scores without generating."""
-        for forbidden in ("layer", "target_layer"):
-            if forbidden in generate_kwargs:
-                raise ProbeConfigError(forbidden, generate_kwargs[forbidden], "not given to sweep()", "Use layers=/target_layers= instead.")
+        `max_new_tokens=0` then scores without generating. (`plan_sweep` then `run_sweeps` is the
+        same sweep, batched with others.)"""
+        plan = self.plan_sweep(
+            source, target, layers=layers, target_layers=target_layers, expect=expect, clean=clean, units=units,
+            candidates=candidates, max_new_tokens=max_new_tokens, **options,
+        )
+        return self.run_sweeps([plan])[0]
+
+    @keywords_checked
+    def plan_sweep(
+        self,
+        source: str,
+        target: str | Preset,
+        *,
+        layers: Iterable[int] | int | None = None,
+        target_layers: Iterable[int] | str | None = None,
+        expect: str | None = None,
+        clean: bool = True,
+        units: Sequence[int] | str | None = None,
+        candidates: Sequence[str] | None = None,
+        max_new_tokens: int | None = None,
+        **options: Unpack[PatchOptions],
+    ) -> ProbePlan:
+        """The probes of `sweep(...)` with these arguments, checked and built but not run.
+
+        Plans of many sweeps run as one batched job with `run_sweeps` (or `run_plans`): a suite of
+        sweeps then shares its passes over the model instead of paying for each on its own.
+        """
         if expect is not None and (not isinstance(expect, str) or not expect.strip()):
             raise ProbeConfigError("expect", expect, "None or a non-empty string")
         scored = _candidates_tuple(candidates)
@@ -366,20 +374,20 @@ class Patchscope:
                 raise ProbeConfigError("expect", expect, f"one of the candidates {list(scored)} (the answer whose margin is kept)")
         if not isinstance(clean, bool):
             raise ProbeConfigError("clean", clean, "True or False")
-        source_layers = _layer_list("layers", layers, self.model.n_layers)
+        source_layers = layer_list("layers", layers, self.model.n_layers)
         grid = target_layers is not None and target_layers != "same"
         if isinstance(target_layers, str) and target_layers != "same":
             raise ProbeConfigError("target_layers", target_layers, 'None, "same", or a range/list of layers')
         pairs: list[tuple[int, int | None]]
         if grid:
-            into = _layer_list("target_layers", target_layers, self.model.n_layers)
+            into = layer_list("target_layers", target_layers, self.model.n_layers)
             pairs = [(source_layer, t) for source_layer in source_layers for t in into]
         else:
             pairs = [(source_layer, None) for source_layer in source_layers]
-        generate_kwargs["target_position"] = _default_target_position(target, generate_kwargs.get("target_position"))
+        options["target_position"] = _default_target_position(target, options.get("target_position"))
         each: list[Any] = [units]  # a string other than "each" goes on to the probe, which refuses it
         if units == "each":
-            site = generate_kwargs.get("site", DEFAULT_SITE)
+            site = options.get("site", DEFAULT_SITE)
             if site != "heads":
                 raise ProbeConfigError(
                     "units", units, 'None, a list of unit indices, or "each" with site="heads" (one probe per head)',
@@ -389,13 +397,38 @@ class Patchscope:
                 raise ProbeConfigError("units", units, '"each" with target_layers None or "same" (a layer x head profile)')
             each = [(head,) for head in range(locate_site(self.model, "heads").n_units)]
         probes = [
-            self.probe(source, target, layer=source_layer, target_layer=t, units=unit, candidates=candidates, **generate_kwargs)
+            self.probe(
+                source, target, layer=source_layer, target_layer=t, max_new_tokens=max_new_tokens, units=unit, candidates=candidates,
+                **options,
+            )
             for source_layer, t in pairs
             for unit in each
         ]
         score_ids = self.expected_token_ids(expect) if expect is not None and not scored else ()
-        results = run_probes(self.engine, probes, score_ids=[score_ids] * len(probes), progress=self.progress, clean=clean)
-        return self.profile_from_results(results, expect=expect, grid=grid, per_unit=units == "each")
+        return ProbePlan(tuple(probes), score_ids, clean=clean, expect=expect, grid=grid, per_unit=units == "each")
+
+    def run_plans(self, plans: Sequence[ProbePlan]) -> list[list[PatchResult]]:
+        """Every plan's probes as one batched, prefix-sharing job (one per `clean` setting used);
+        each plan's results, in order. A probe that is invalid fails the whole job before it runs."""
+        results: list[list[PatchResult]] = [[] for _ in plans]
+        for clean in (True, False):
+            chosen = [k for k, plan in enumerate(plans) if plan.clean is clean]
+            if not chosen:
+                continue
+            probes = [probe for k in chosen for probe in plans[k].probes]
+            score_ids = [plans[k].score_ids for k in chosen for _ in plans[k].probes]
+            ran = iter(run_probes(self.engine, probes, score_ids=score_ids, progress=self.progress, clean=clean))
+            for k in chosen:
+                results[k] = [next(ran) for _ in plans[k].probes]
+        return results
+
+    def run_sweeps(self, plans: Sequence[ProbePlan]) -> list[LocalizationProfile]:
+        """The LocalizationProfile of each sweep plan (see `plan_sweep`), all run as one batched job."""
+        return [self.plan_profile(plan, results) for plan, results in zip(plans, self.run_plans(plans))]
+
+    def plan_profile(self, plan: ProbePlan, results: Sequence[PatchResult]) -> LocalizationProfile:
+        """A sweep plan's results folded into its LocalizationProfile (see `profile_from_results`)."""
+        return self.profile_from_results(results, expect=plan.expect, grid=plan.grid, per_unit=plan.per_unit)
 
     def profile_from_results(
         self, results: Sequence[PatchResult], *, expect: str | None, grid: bool, per_unit: bool = False

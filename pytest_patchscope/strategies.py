@@ -23,14 +23,15 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from hypothesis import strategies as st
 
-from .errors import ProbeConfigError
-from .probe import Probe, Substring
-from .sites import DEFAULT_SITE, SITES, check_site_name, locate_site
+from pytest_patchscope.errors import ProbeConfigError
+from pytest_patchscope.model.sites import DEFAULT_SITE, SITES, check_site_name, locate_site
+from pytest_patchscope.probes.probe import Probe, Substring
+from pytest_patchscope.validation import check_int, check_layer
 
 if TYPE_CHECKING:
     import torch
 
-    from .models import PatchscopeModel
+    from pytest_patchscope.model.loading import PatchscopeModel
 
 def _model_of(model: Any) -> "PatchscopeModel":
     """A PatchscopeModel from a model, a Patchscope or the `patchscope` fixture."""
@@ -42,8 +43,7 @@ def layers(model: Any, min: int = 0, max: int | None = None) -> st.SearchStrateg
     n_layers = _model_of(model).n_layers
     top = n_layers - 1 if max is None else max
     for name, value in (("min", min), ("max", top)):
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n_layers:
-            raise ProbeConfigError(name, value, f"an int from 0 to {n_layers - 1} (the model has {n_layers} layers)")
+        check_layer(name, value, n_layers)
     if min > top:
         raise ProbeConfigError("max", top, f"a layer >= min ({min}): the range {min}..{top} is empty")
     return st.integers(min, top)
@@ -70,7 +70,7 @@ def sites(model: Any = None) -> st.SearchStrategy[str]:
     """Site names (those `model` has, when given), shrinking toward resid_post."""
     if model is None:
         return st.sampled_from(list(SITES))
-    from .sites import available_sites
+    from pytest_patchscope.model.sites import available_sites
 
     return st.sampled_from(available_sites(_model_of(model)))
 
@@ -79,10 +79,7 @@ def units(model: Any, site: str = DEFAULT_SITE, max_size: int = 4) -> st.SearchS
     """None (all units) or a sorted tuple of distinct unit indices of `site`, shrinking toward None."""
     check_site_name("site", site)
     n_units = locate_site(_model_of(model), site).n_units
-    if isinstance(max_size, bool) or not isinstance(max_size, int) or not 1 <= max_size <= n_units:
-        raise ProbeConfigError(
-            "max_size", max_size, f"an int from 1 to {n_units} (site {site!r} has {n_units} {SITES[site].units_are})"
-        )
+    check_int("max_size", max_size, 1, n_units, hint=f"Site {site!r} has {n_units} {SITES[site].units_are}.")
     subsets = st.lists(st.integers(0, n_units - 1), min_size=1, max_size=max_size, unique=True).map(lambda u: tuple(sorted(u)))
     return st.one_of(st.none(), subsets)
 

@@ -13,47 +13,26 @@ import re
 import shutil
 import subprocess
 import sys
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from pytest_patchscope.errors import ProbeConfigError
+from pytest_patchscope.errors import ProbeConfigError, warn_at_caller
+from pytest_patchscope.model.devices import detect_device, parse_device
+from pytest_patchscope.validation import as_int
 
 if TYPE_CHECKING:
     import pytest
 
 T = TypeVar("T")
 
-DEVICE_OPTION = "--patchscope-device"
+
 DEVICE_DEST = "patchscope_device"
-ALLOWED_DEVICES = "one of 'auto', 'cpu', 'cuda', 'cuda:N' (N = 0-based GPU index)"
 NVIDIA_PROC_GPUS = Path("/proc/driver/nvidia/gpus")
 
-_CUDA_INDEX = re.compile(r"cuda:(\d+)")
 _WORKER_ID = re.compile(r"gw(\d+)")
-
-
-def parse_device(spec: str, field: str = DEVICE_OPTION) -> str:
-    """Validate a device spec and return its canonical form ("auto", "cpu", "cuda", "cuda:N").
-
-    Pure (no torch), so a typo is reported before any model or CUDA work starts. Pass
-    ``field="patchscope_device"`` when the value came from the ini file, so the message names it.
-    """
-    if not isinstance(spec, str):
-        raise ProbeConfigError(field, spec, ALLOWED_DEVICES)
-    normal = spec.strip().lower()
-    if normal in ("auto", "cpu", "cuda"):
-        return normal
-    match = _CUDA_INDEX.fullmatch(normal)
-    if match:
-        return f"cuda:{int(match.group(1))}"
-    raise ProbeConfigError(
-        field, spec, ALLOWED_DEVICES,
-        "Use 'auto' to take the GPU when there is one and the CPU otherwise.",
-    )
 
 
 def worker_index(worker_id: str | None) -> int | None:
@@ -86,35 +65,6 @@ def assign_visible_devices(worker_index: int | None, caller_visible: str | None,
     if n_cuda < 1:
         return None
     return str(worker_index % n_cuda)
-
-
-def _setting(field: str, value: str) -> str:
-    """How a user writes ``value`` for ``field``: "--opt cpu" on the command line, "device='cpu'" in Python."""
-    return f"{field} {value}" if field.startswith("-") else f"{field}={value!r}"
-
-
-def resolve_device(spec: str, cuda_available: bool, n_cuda: int, field: str = DEVICE_OPTION) -> str:
-    """Turn a device spec into the torch device to use, failing with a fix when it cannot work.
-
-    ``field`` is what the messages name: the CLI option by default, ``"device"`` for the Python API.
-    """
-    device = parse_device(spec, field)
-    if device == "auto":
-        return "cuda" if cuda_available and n_cuda > 0 else "cpu"
-    if device == "cpu":
-        return device
-    if not cuda_available or n_cuda < 1:
-        raise ProbeConfigError(
-            field, spec, "a CUDA device, but torch sees no CUDA GPU in this process",
-            f"Use {_setting(field, 'cpu')}, or {_setting(field, 'auto')} to fall back to the CPU.",
-        )
-    match = _CUDA_INDEX.fullmatch(device)
-    if match and int(match.group(1)) >= n_cuda:
-        raise ProbeConfigError(
-            field, spec, f"'cuda' or cuda:0 .. cuda:{n_cuda - 1} ({n_cuda} GPU(s) visible)",
-            "Indices count within CUDA_VISIBLE_DEVICES, not physical GPU numbers.",
-        )
-    return device
 
 
 def cpu_threads_per_worker(n_workers: int, n_cpus: int) -> int:
@@ -154,14 +104,6 @@ def _cuda_already_initialised() -> bool:
     """True when torch's CUDA state exists already, so CUDA_VISIBLE_DEVICES can no longer change."""
     torch = sys.modules.get("torch")
     return torch is not None and torch.cuda.is_initialized()
-
-
-def detect_device(spec: str, field: str = DEVICE_OPTION) -> str:
-    """Resolve ``spec`` against this process's CUDA (imports torch; call after any pinning)."""
-    import torch
-
-    available = torch.cuda.is_available()
-    return resolve_device(spec, available, torch.cuda.device_count() if available else 0, field)
 
 
 @dataclass(frozen=True)
@@ -228,10 +170,9 @@ def _pin_gpu(index: int | None) -> None:
     if visible is None or visible == caller:
         return
     if _cuda_already_initialised():
-        warnings.warn(
+        warn_at_caller(
             f"pytest-patchscope: CUDA was initialised before worker pinning; CUDA_VISIBLE_DEVICES={visible} "
-            "was not applied, so this worker may share a GPU with others.",
-            RuntimeWarning, stacklevel=3,
+            "was not applied, so this worker may share a GPU with others."
         )
         return
     os.environ["CUDA_VISIBLE_DEVICES"] = visible
@@ -254,7 +195,7 @@ class ModelCache(Generic[T]):
     """
 
     def __init__(self, max_models: int, on_evict: Callable[[T], None] | None = None) -> None:
-        if isinstance(max_models, bool) or not isinstance(max_models, int) or max_models < 1:
+        if as_int(max_models) is None or max_models < 1:
             raise ProbeConfigError(
                 "max_models", max_models, "an integer >= 1",
                 "It bounds how many models one worker keeps loaded at once.",

@@ -5,13 +5,95 @@ built from a config: a RoPE Llama and an absolute-position GPT-2, to cover both 
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
 
-from pytest_patchscope.models import PatchscopeModel, dequantized_cache_dir, from_hf, load_model, resolve_model_source
+from pytest_patchscope.model.loading import PatchscopeModel, cache_root, dequantized_cache_dir, from_hf, load_model, resolve_model_source
 from pytest_patchscope.scope import Patchscope
 
 import hf_reference as ref
+
+# ---- cost classes ------------------------------------------------------------------------------
+# Every test gets one marker, from the fixtures it uses (so a new test is classified without anyone
+# remembering), most expensive first. A module or test can claim a class itself with the marker
+# (e.g. one that starts pytest subprocesses without the pytester fixture): then it is left alone.
+#   pytester  runs pytest sessions (the pytester fixture; inner runs often load the default model)
+#   real      the default 135M model in this process
+#   tiny      tiny random models (and the default model's tokenizer)
+#   unit      none of these
+COST_CLASSES: dict[str, frozenset[str]] = {
+    "pytester": frozenset({"pytester"}),
+    "real": frozenset({"default_scope", "plain_hf"}),
+    "tiny": frozenset({"tiny_model", "tiny_llama", "tiny_llama_dir", "damaged_dir", "tokenizer", "default_model_dir"}),
+}
+
+
+def cost_class(item: pytest.Item) -> str:
+    """The most expensive class whose fixtures `item` uses (a class marker of its own wins)."""
+    for name in (*COST_CLASSES, "unit"):
+        if item.get_closest_marker(name) is not None:
+            return name
+    used = set(getattr(item, "fixturenames", ()))
+    return next((name for name, fixtures in COST_CLASSES.items() if used & fixtures), "unit")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        name = cost_class(item)
+        if item.get_closest_marker(name) is None:
+            item.add_marker(name)
+
+
+@contextlib.contextmanager
+def _no_default_weights(item: pytest.Item) -> Iterator[None]:
+    """A unit or tiny test that loads weights from the dequantized default model (say through a
+    fixture of its own module) fails, naming the marker it needs: `make test-fast` stays fast."""
+    if cost_class(item) not in ("unit", "tiny"):
+        yield
+        return
+    from transformers import AutoModelForCausalLM
+
+    load = AutoModelForCausalLM.from_pretrained
+    cached = (cache_root() / "gguf").resolve()
+
+    def guarded(cls: type, directory: Any, *args: Any, **kwargs: Any) -> Any:
+        if Path(directory).resolve().is_relative_to(cached):
+            pytest.fail(f"{item.nodeid} loads the default model ({directory}) but is classed "
+                        f"{cost_class(item)!r}: mark it @pytest.mark.real (tests/conftest.py)", pytrace=False)
+        return load(directory, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(guarded))
+        yield
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    with _no_default_weights(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    with _no_default_weights(item):
+        return (yield)
+
+
+# When this suite runs under xdist, its workers' environment names them (PYTEST_XDIST_WORKER, ...).
+# Inner pytester sessions and pytest subprocesses inherit that and would behave as xdist workers
+# (no baseline written, no progress bar): each test starts from a plain, non-worker environment.
+XDIST_ENVIRONMENT = ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID")
+
+
+@pytest.fixture(autouse=True)
+def _not_an_xdist_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in XDIST_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture(scope="session")

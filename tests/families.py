@@ -85,6 +85,8 @@ SUPPORTED = [
     Family("codegen", "CodeGenConfig", "partial rotary; fused qkv; parallel attention + MLP", {"rotary_dim": 8}),
     Family("gpt_bigcode", "GPTBigCodeConfig", "learned absolute; multi-query attention (StarCoder)"),
     Family("falcon", "FalconConfig", "rotary; multi-query; parallel attention + MLP"),
+    Family("falcon_grouped", "FalconConfig", "rotary; grouped-query, fused per-group QKV; parallel attention + MLP, two norms (Falcon-40B/180B)",
+           {"new_decoder_architecture": True, "num_kv_heads": 2}),
     Family("xglm", "XGLMConfig", "sinusoidal absolute; multi-head; scaled embeddings"),
     Family("bloom", "BloomConfig", "ALiBi; multi-head; embedding layer norm (BLOOM)"),
     Family("falcon_alibi", "FalconConfig", "ALiBi folded into per-head masks; multi-query (Falcon-RW)", {"alibi": True}),

@@ -10,7 +10,7 @@ import torch
 
 from pytest_patchscope import TOKEN_IDENTITY, Placeholder, Substring, attribute_extraction
 from pytest_patchscope.errors import ModelLoadError, PatchscopeError, PatchscopeWarning, ProbeConfigError
-from pytest_patchscope.models import load_model
+from pytest_patchscope.model.loading import load_model
 from pytest_patchscope.scope import Patchscope
 
 from conftest import active_hooks
@@ -155,7 +155,7 @@ def test_generation_that_would_pass_the_position_limit_is_refused(tiny_model):
 
 
 def test_a_row_larger_than_batch_memory_mb_is_refused_before_any_hook(tiny_llama, monkeypatch):
-    import pytest_patchscope.engine as engine_module
+    import pytest_patchscope.engine.runner as engine_module
 
     def no_pass(*args, **kwargs):
         raise AssertionError("the opening pass ran")

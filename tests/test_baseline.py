@@ -9,19 +9,11 @@ import pytest
 
 from pytest_patchscope.baseline.comparator import Comparison, Tolerances, compare_profiles
 from pytest_patchscope.baseline.keys import anchored_test_id, profile_key, project_root
+from pytest_patchscope.baseline.profile import LayerCell, LocalizationProfile
 from pytest_patchscope.baseline.render import render_comparison
-from pytest_patchscope.baseline.serializer import (
-    FORMAT,
-    REWRITE_OPTION,
-    UPDATE_OPTION,
-    VERSION,
-    Entry,
-    from_json,
-    to_json,
-)
+from pytest_patchscope.baseline.serializer import FORMAT, REWRITE_OPTION, UPDATE_OPTION, VERSION, Entry, from_json, to_json
 from pytest_patchscope.baseline.storage import read_baseline, update_baseline
 from pytest_patchscope.errors import BaselineError, ProbeConfigError
-from pytest_patchscope.profile import LayerCell, LocalizationProfile
 
 PROBE = {"source": "The capital of France is", "source_position": -1, "target": "x", "target_position": -1}
 ARCH = {"n_layers": 8, "d_model": 16, "vocab_size": 100}

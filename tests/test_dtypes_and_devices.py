@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from pytest_patchscope import TOKEN_IDENTITY, Patchscope, Placeholder, Probe, attribute_extraction
-from pytest_patchscope.backend import check_dtype_runs, dtype_name, resolve_dtype
-from pytest_patchscope.engine import run_probes
+from pytest_patchscope.engine.runner import run_probes
 from pytest_patchscope.errors import ProbeConfigError
+from pytest_patchscope.model.devices import check_dtype_runs, dtype_name, resolve_dtype
 
 from conftest import active_hooks
 
@@ -60,8 +60,8 @@ def test_float16_where_torch_has_no_cpu_kernels_is_refused(tiny_llama_dir, monke
 
 
 @pytest.fixture(scope="module")
-def bf16_and_fp32():
-    return Patchscope.load(None, dtype="bfloat16"), Patchscope.load(None)
+def bf16_and_fp32(default_scope):
+    return Patchscope.load(None, dtype="bfloat16"), default_scope
 
 
 def test_default_model_in_bfloat16_agrees_with_single_probes_and_with_float32(bf16_and_fp32):

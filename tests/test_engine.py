@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from pytest_patchscope import ENTITY_DESCRIPTION, TOKEN_IDENTITY, Placeholder, Probe, Substring
-from pytest_patchscope.engine import PACK_TOKENS, Engine, _Row
+from pytest_patchscope.engine.rows import Row
+from pytest_patchscope.engine.runner import PACK_TOKENS, Engine
 from pytest_patchscope.errors import EngineError, ProbeConfigError
 from pytest_patchscope.scope import Patchscope
 
@@ -80,7 +81,7 @@ def test_memory_chunking_does_not_change_results(tiny_llama):
 def test_packing_into_several_rows_and_shards_does_not_change_results(tiny_model, monkeypatch):
     """With a tiny packing budget the opening pass spreads prefixes and sources over several packed
     rows and splits a prefix's spans into shards, each with its own copy of the prefix."""
-    import pytest_patchscope.engine as engine_module
+    import pytest_patchscope.engine.runner as engine_module
 
     scope = Patchscope(tiny_model)
     probes = probes_mixed(tiny_model.n_layers) + [
@@ -146,8 +147,8 @@ def test_an_in_place_mapping_gets_its_own_copy_of_the_source_state(tiny_model):
 @pytest.mark.parametrize("fault", ["dropped", "written-twice"])
 def test_a_patch_that_is_not_written_exactly_once_is_an_internal_error(tiny_llama, monkeypatch, fault):
     """A lost patch would pass for a probe that decodes nothing (nnsight #143/#502/#607)."""
-    import pytest_patchscope.engine as engine_module
-    from pytest_patchscope.streams import forward_opening
+    import pytest_patchscope.engine.runner as engine_module
+    from pytest_patchscope.engine.streams import forward_opening
 
     def faulty(model, layout, captures, states, patches, locations, layer_done=None):
         patches = list(patches)
@@ -170,20 +171,20 @@ def test_row_memory_counts_the_model_dtype_and_the_opening_masks(tiny_llama):
     keeps a float (W x W) mask, so a long prompt costs at least (n_layers + 1) T^2 elements."""
     from types import SimpleNamespace
 
-    from pytest_patchscope.backend import Architecture
+    from pytest_patchscope.model.backend import Architecture
 
     def engine(dtype: torch.dtype, windows: tuple[int | None, ...] = (None,) * 4) -> Engine:
         hf = SimpleNamespace(config=tiny_llama.hf.config, parameters=lambda: iter([torch.zeros(1, dtype=dtype)]))
         model = SimpleNamespace(hf=hf, n_layers=tiny_llama.n_layers, d_model=tiny_llama.d_model, architecture=Architecture(windows))
         return Engine(model)
 
-    short = _Row(target_ids=tuple(range(8)), split=7, sources=(((5, 6, 7), 2, "resid_post"),), max_new_tokens=4)
+    short = Row(target_ids=tuple(range(8)), split=7, sources=(((5, 6, 7), 2, "resid_post"),), max_new_tokens=4)
     logits = 4 * 3 * tiny_llama.hf.config.vocab_size
     full, half = engine(torch.float32)._row_bytes(short), engine(torch.bfloat16)._row_bytes(short)
     assert full - logits == 2 * (half - logits) > 0
     masks = (tiny_llama.n_layers + 1) * 11 * PACK_TOKENS * 4
     assert full - logits > masks
-    long = _Row(target_ids=tuple(range(2000)), split=0, max_new_tokens=4)
+    long = Row(target_ids=tuple(range(2000)), split=0, max_new_tokens=4)
     assert engine(torch.float32)._row_bytes(long) > (tiny_llama.n_layers + 1) * 2000**2 * 4
     alternating = engine(torch.float32, (8, None, 8, None))._row_bytes(long)  # a mask per stage and window
     assert alternating > 2 * (tiny_llama.n_layers + 1) * 2000**2 * 4
@@ -205,7 +206,7 @@ def test_affine_mapping_round_trips_through_a_file(tmp_path, tiny_llama):
 
 
 def test_positions_resolve_to_tokenizer_indices(tiny_llama):
-    from pytest_patchscope.probe import resolve_positions
+    from pytest_patchscope.engine.resolve import resolve_positions
 
     def resolve_position(field, position, prompt, model):
         (index,) = resolve_positions(field, position, prompt, model)
@@ -338,7 +339,7 @@ def test_sweep_profile_and_grid(tiny_llama):
 def test_the_expected_answer_scores_in_any_case(default_scope):
     """The hit test is case-insensitive, so the score is too: "paris" is scored on its best-scoring
     spelling (" Paris"), not on the first token of "paris" ("par", far down the ranks)."""
-    from pytest_patchscope.presets import TOKEN_IDENTITY
+    from pytest_patchscope.probes.presets import TOKEN_IDENTITY
 
     def cell(expect: str):
         return default_scope.sweep("The capital of France is", TOKEN_IDENTITY, layers=[27], expect=expect, max_new_tokens=4).cells[0]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pytest_patchscope import LOGIT_LENS, TOKEN_IDENTITY, AffineMapping, Patchscope
-from pytest_patchscope.engine import Engine
+from pytest_patchscope.engine.runner import Engine
 from pytest_patchscope.errors import ProbeConfigError, ReportError
 from pytest_patchscope.eval import (
     NextTokenReport,

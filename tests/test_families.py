@@ -14,9 +14,9 @@ import copy
 import pytest
 
 from pytest_patchscope import Decoding, Probe
-from pytest_patchscope.backend import VERIFIED_FAMILIES
 from pytest_patchscope.errors import ModelLoadError
-from pytest_patchscope.models import from_hf
+from pytest_patchscope.model.backend import VERIFIED_FAMILIES
+from pytest_patchscope.model.loading import from_hf
 from pytest_patchscope.scope import Patchscope
 
 import hf_reference as ref
@@ -103,7 +103,7 @@ def site_probes(site: str, n_layers: int) -> list[Probe]:
 def test_every_site(family):
     """Each site the family has (attention and MLP outputs, neurons, heads, the residual before and
     after the block), batched, against hooks on the submodules that tests/hf_reference.py names."""
-    from pytest_patchscope.sites import available_sites
+    from pytest_patchscope.model.sites import available_sites
 
     scope, reference = family
     sites = available_sites(scope.model)
@@ -158,6 +158,21 @@ def test_an_unverified_family_loads_with_a_warning(tokenizer):
 
     with pytest.warns(PatchscopeWarning, match=r"architecture='nemotron' loads, but it is not among the families checked"):
         from_hf(Family("nemotron", "NemotronConfig", "").build(), tokenizer, name="tiny-nemotron")
+
+
+def test_the_bridge_of_grouped_falcon_matches_hf(tokenizer):
+    """Falcon-40B/180B style (new decoder architecture, 2 key/value groups): TransformerLens' adapter
+    alone reads multi_query as one key/value head and refuses the model; with boot_bridge's fix the
+    bridge's own forward (its hook_q/k/v included) equals HF's, and the user's config is untouched."""
+    import torch
+
+    hf = next(f for f in SUPPORTED if f.name == "falcon_grouped").build()
+    reference = copy.deepcopy(hf)
+    model = from_hf(hf, tokenizer, name="tiny-falcon_grouped")
+    ids = torch.tensor([tokenizer(LONG)["input_ids"]])
+    with torch.no_grad():
+        assert (model.bridge(ids) - reference(ids).logits).abs().max() < 1e-4
+    assert model.hf.config.multi_query and model.hf.config.num_kv_heads == 2
 
 
 def test_every_verified_family_is_in_the_matrix():

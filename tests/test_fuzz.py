@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 from pytest_patchscope import ENTITY_DESCRIPTION, LOGIT_LENS, TOKEN_IDENTITY, Placeholder, Probe, Substring, attribute_extraction
 from pytest_patchscope.errors import PatchscopeWarning, ProbeConfigError
+from pytest_patchscope.model.sites import SITES
 from pytest_patchscope.scope import Patchscope
-from pytest_patchscope.sites import SITES
 
 from conftest import active_hooks
 

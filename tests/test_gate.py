@@ -64,7 +64,7 @@ def test_a_damaged_checkpoint_fails_with_a_readable_report(pytester, tiny_llama_
     report, markdown, junit = pytester.path / "r.json", pytester.path / "r.md", pytester.path / "junit.xml"
     heatmaps = pytester.path / "heatmaps"
     result = run(
-        pytester, damaged_dir, f"--patchscope-baseline={baseline}", f"--patchscope-heatmap={heatmaps}",
+        pytester, damaged_dir, f"--patchscope-baseline={baseline}", "--patchscope-compare-checkpoint", f"--patchscope-heatmap={heatmaps}",
         f"--patchscope-report={report}", f"--patchscope-report-md={markdown}", f"--junitxml={junit}",
     )
     pngs = sorted(heatmaps.glob("*.png"))

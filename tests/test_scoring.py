@@ -10,17 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pytest_patchscope import (
-    TOKEN_IDENTITY,
-    Patchscope,
-    Placeholder,
-    ProbeConfigError,
-    assert_patched_prefers,
-)
+from pytest_patchscope import TOKEN_IDENTITY, Patchscope, Placeholder, ProbeConfigError, assert_patched_prefers
 from pytest_patchscope.baseline.comparator import Tolerances, compare_profiles
+from pytest_patchscope.baseline.profile import LayerCell, LocalizationProfile
 from pytest_patchscope.baseline.serializer import BaselineFile, Entry, deserialize_entry, serialize_entry
-from pytest_patchscope.decoding import banned_ngram_tokens, degeneration
-from pytest_patchscope.profile import LayerCell, LocalizationProfile
+from pytest_patchscope.engine.decode import banned_ngram_tokens, degeneration
 
 from conftest import active_hooks, expected_samples, expected_scores
 
@@ -185,7 +179,7 @@ def test_greedy_results_are_unchanged_by_other_rows_sampling(tiny_llama):
 
 
 def test_hit_rate_counts_samples():
-    from pytest_patchscope.results import PatchResult, Sample
+    from pytest_patchscope.engine.results import PatchResult, Sample
 
     result = PatchResult(
         probe=None, resolved=None, text="Paris", clean_text="x", tokens=(1,), clean_tokens=(2,),  # type: ignore[arg-type]
@@ -323,8 +317,8 @@ def test_logit_post_processing_is_applied_or_the_family_refused():
     """The opening pass's logits must be the family's own (scores, not just the greedy choice, depend on it)."""
     from types import SimpleNamespace
 
-    from pytest_patchscope.backend import describe_architecture
     from pytest_patchscope.errors import ModelLoadError
+    from pytest_patchscope.model.backend import describe_architecture
 
     capped = describe_architecture(SimpleNamespace(model_type="vaultgemma", num_hidden_layers=2, final_logit_softcapping=30.0))
     assert capped.logit_softcap == 30.0

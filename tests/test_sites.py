@@ -11,9 +11,9 @@ import torch
 
 from pytest_patchscope import ZERO, Probe, ProbeConfigError, Span, Substring, mean_ablation
 from pytest_patchscope.baseline.serializer import Entry, deserialize_cell, serialize_entry
-from pytest_patchscope.engine import Engine
+from pytest_patchscope.engine.runner import Engine
+from pytest_patchscope.model.sites import SITES, available_sites, locate_site
 from pytest_patchscope.scope import Patchscope
-from pytest_patchscope.sites import SITES, available_sites, locate_site
 
 import hf_reference as ref
 from conftest import active_hooks, expected
@@ -128,7 +128,8 @@ def test_a_sweep_over_heads_one_at_a_time_is_a_layer_by_head_profile(tiny_llama,
 
 def test_the_heatmap_of_a_layer_by_head_profile_has_heads_across(tiny_llama, tmp_path):
     pytest.importorskip("matplotlib")
-    from pytest_patchscope.report import SessionSummary, write_heatmaps
+    from pytest_patchscope.reports.formats import write_heatmaps
+    from pytest_patchscope.reports.summary import SessionSummary
 
     scope = Patchscope(tiny_llama)
     profile = scope.sweep("Tokyo", "Short x", site="heads", units="each", expect="Tokyo", max_new_tokens=3)
@@ -163,7 +164,7 @@ def test_bad_site_input_is_refused_before_any_hook(tiny_llama, kwargs, field, sa
 
 
 def test_a_site_the_architecture_lacks_is_refused(tokenizer):
-    from pytest_patchscope.models import from_hf
+    from pytest_patchscope.model.loading import from_hf
 
     from families import SUPPORTED
 
@@ -186,7 +187,7 @@ def test_a_source_from_another_model_through_a_fitted_affine_map(tiny_llama, tok
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from pytest_patchscope import AffineMapping
-    from pytest_patchscope.models import from_hf
+    from pytest_patchscope.model.loading import from_hf
 
     torch.manual_seed(1)
     small_hf = LlamaForCausalLM(LlamaConfig(
@@ -216,7 +217,7 @@ def test_a_source_from_another_model_through_a_fitted_affine_map(tiny_llama, tok
 
 def test_a_source_model_given_as_a_checkpoint_path(tiny_llama_dir, damaged_dir):
     """Does the checkpoint read the damaged checkpoint's representation? A spec loads once per process."""
-    from pytest_patchscope.models import load_cached, load_model
+    from pytest_patchscope.model.loading import load_cached, load_model
 
     scope = Patchscope(load_model(tiny_llama_dir))
     damaged = load_cached(damaged_dir)

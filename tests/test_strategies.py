@@ -6,8 +6,8 @@ from hypothesis import find, given, settings
 
 from pytest_patchscope import Probe, ProbeConfigError, Substring
 from pytest_patchscope import strategies as ps
+from pytest_patchscope.engine.resolve import resolve_probe
 from pytest_patchscope.hypothesis_profile import HYPOTHESIS_PROFILE
-from pytest_patchscope.probe import resolve_probe
 from pytest_patchscope.scope import Patchscope
 
 pytest_plugins = ["pytester"]

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from pytest_patchscope import Placeholder, Probe
+from pytest_patchscope.engine.streams import LayerKV, PackedLayout, StreamPlan
 from pytest_patchscope.errors import EngineError
 from pytest_patchscope.scope import Patchscope
-from pytest_patchscope.streams import LayerKV, PackedLayout, StreamPlan
 
 import hf_reference as ref
 from conftest import active_hooks
@@ -102,8 +102,8 @@ def test_rows_that_agree_share_and_still_equal_the_reference(tiny_model):
 
 
 def test_the_opening_pass_writes_every_patch_of_a_grid_once(tiny_llama, monkeypatch):
-    import pytest_patchscope.engine as engine_module
-    from pytest_patchscope.streams import forward_opening
+    import pytest_patchscope.engine.runner as engine_module
+    from pytest_patchscope.engine.streams import forward_opening
 
     counts = []
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from pytest_patchscope import workers
-from pytest_patchscope.errors import ProbeConfigError
+from pytest_patchscope.errors import PatchscopeWarning, ProbeConfigError
+from pytest_patchscope.model.devices import parse_device, resolve_device
 from pytest_patchscope.workers import (
     ModelCache,
     WorkerSetup,
@@ -21,8 +22,6 @@ from pytest_patchscope.workers import (
     configure_worker,
     count_physical_gpus,
     cpu_threads_per_worker,
-    parse_device,
-    resolve_device,
     worker_index,
 )
 
@@ -288,7 +287,7 @@ def test_configure_worker_warns_instead_of_pinning_after_cuda_init(clean_env: py
     clean_env.setattr(workers, "_cuda_already_initialised", lambda: True)
     clean_env.setattr(workers, "count_physical_gpus", lambda: 2)
     clean_env.setattr(workers, "detect_device", lambda spec: "cuda")
-    with pytest.warns(RuntimeWarning, match="CUDA_VISIBLE_DEVICES=1 was not applied"):
+    with pytest.warns(PatchscopeWarning, match="CUDA_VISIBLE_DEVICES=1 was not applied"):
         setup = configure_worker(FakeConfig({"workerid": "gw1", "workercount": 2}))
     assert setup.visible_devices is None and "CUDA_VISIBLE_DEVICES" not in os.environ
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 import transformer_lens.model_bridge  # noqa: F401  (see test_plugin.py: import outside pytester runs)
 
-from pytest_patchscope.models import cache_root
+from pytest_patchscope.model.loading import cache_root
 
 pytest_plugins = ["pytester"]
 
@@ -35,7 +35,7 @@ from dataclasses import asdict
 
 import pytest
 import pytest_patchscope.gate as gate
-import pytest_patchscope.models as models
+import pytest_patchscope.model.loading as models
 
 LOG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calls.jsonl")
 ORIGINAL = (gate.update_baseline, gate.Gate.finish, models.load_model)
@@ -283,8 +283,8 @@ def test_a_crashed_worker_loses_only_the_crashed_tests_probes_and_is_named(pytes
     result.stdout.fnmatch_lines([
         "*knowledge localization*",
         "3 probes: 3 new",
-        f"baseline not written: worker(s) {crashed.group(1)} crashed. Rerun the update to completion.",
         f"worker {crashed.group(1)} crashed; its probes have no result: test_crash.py::test_crash",
+        f"error: baseline not written: worker(s) {crashed.group(1)} crashed. Rerun the update to completion.",
     ])
     assert not baseline.exists(), "a session with a crashed worker writes no baseline"
     keys = [probe["key"] for probe in json.loads(report.read_text())["probes"]]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write README's architecture coverage table from the results of tests/test_families.py.
+"""Write the architecture coverage table of docs/architectures.md from the results of tests/test_families.py.
 
 Runs that test file (or reads a JUnit XML of an earlier run) and turns each family's outcomes into
 one row: single probes, a batch of mixed probes, a layer sweep, an l x l* grid, every site, and
@@ -7,9 +7,9 @@ candidate scores with sampled decoding, each compared
 token for token with the plain-HF reference, and for refused families whether the load-time refusal
 held. Nothing in the table is typed by hand.
 
-    python tools/coverage_table.py                   # run the matrix, rewrite README.md's table
+    python tools/coverage_table.py                   # run the matrix, rewrite the table in docs/architectures.md
     python tools/coverage_table.py --junit out.xml   # from an earlier `pytest --junitxml=out.xml` run
-    python tools/coverage_table.py --check           # exit 1 if README's table differs (nothing written)
+    python tools/coverage_table.py --check           # exit 1 if the page's table differs (nothing written)
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
+PAGE = ROOT / "docs" / "architectures.md"
 BEGIN, END = "<!-- coverage-table:begin -->", "<!-- coverage-table:end -->"
 CHECKS = {
     "test_single_probes": "single", "test_a_batch_of_mixed_probes": "batch", "test_a_layer_sweep": "sweep",
@@ -81,15 +81,15 @@ def table(results: dict[tuple[str, str], str]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--junit", type=Path, help="JUnit XML of a run of tests/test_families.py (default: run it now)")
-    parser.add_argument("--check", action="store_true", help="only compare with README.md; exit 1 when it differs")
+    parser.add_argument("--check", action="store_true", help="only compare with docs/architectures.md; exit 1 when it differs")
     args = parser.parse_args()
     results = outcomes(args.junit or run_matrix())
     if not results:
         print("no family results found: did tests/test_families.py run?", file=sys.stderr)
         return 2
-    text = README.read_text()
+    text = PAGE.read_text()
     if BEGIN not in text or END not in text:
-        print(f"README.md has no {BEGIN} ... {END} section to fill", file=sys.stderr)
+        print(f"{PAGE.relative_to(ROOT)} has no {BEGIN} ... {END} section to fill", file=sys.stderr)
         return 2
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
@@ -97,10 +97,10 @@ def main() -> int:
     failed = sorted(f"{test}[{family}]" for (test, family), state in results.items() if state in ("failed", "error"))
     if args.check:
         same = updated == text
-        print("README coverage table is up to date" if same else "README coverage table differs from these results")
+        print("the coverage table is up to date" if same else "the coverage table differs from these results")
         return 0 if same else 1
-    README.write_text(updated)
-    print(f"README.md: coverage table written ({len(results)} results, {len(failed)} failing{': ' + ', '.join(failed) if failed else ''})")
+    PAGE.write_text(updated)
+    print(f"{PAGE.relative_to(ROOT)}: coverage table written ({len(results)} results, {len(failed)} failing{': ' + ', '.join(failed) if failed else ''})")
     return 0
 
 

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pytest_patchscope.models import dequantized_cache_dir, resolve_model_source
+    from pytest_patchscope.model.loading import dequantized_cache_dir, resolve_model_source
 
     source = resolve_model_source(args.model)
     directory = dequantized_cache_dir(source) if source.kind == "gguf" else source.path

@@ -30,7 +30,7 @@ Run time: ~1-2 min on 2 CPU cores (see README.md). Only for the default model: w
 import pytest
 
 from pytest_patchscope.eval import evaluate_nexttoken
-from pytest_patchscope.models import DEFAULT_MODEL_NAME
+from pytest_patchscope.model.loading import DEFAULT_MODEL_NAME
 
 N = 200
 SEED = 0

@@ -10,9 +10,14 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, Mapping
 
-from ..errors import ProbeConfigError
-from ..profile import LayerCell, LocalizationProfile
-from .serializer import UPDATE_OPTION
+from pytest_patchscope.baseline.profile import LayerCell, LocalizationProfile
+from pytest_patchscope.baseline.serializer import (
+    COMPARE_CHECKPOINT_OPTION,
+    UPDATE_OPTION,
+    describe_checkpoint,
+    same_checkpoint,
+)
+from pytest_patchscope.errors import ProbeConfigError
 
 Status = Literal["unchanged", "regressed", "improved", "new", "missing"]
 """``missing``: a gate run found no baseline entry for the probe (the test fails unless new probes
@@ -171,6 +176,22 @@ def architecture_mismatch(baseline: LocalizationProfile, current: LocalizationPr
         f"the baseline comes from a model of another architecture ({shape(baseline)}) than this one "
         f"({shape(current)}), so its layer indices do not mean the same thing and nothing is compared. "
         "Gate each architecture against a baseline of its own (another --patchscope-baseline file)."
+    )
+
+
+def checkpoint_mismatch(baseline: LocalizationProfile, current: LocalizationProfile) -> str | None:
+    """Why a baseline profile is not compared with this run's unless the user asks: it comes from
+    another checkpoint (another weights hash, or another name where a hash is unknown), so a pass
+    would say that two checkpoints agree, not that this one kept what it had. None when it is the same."""
+    if same_checkpoint(baseline.model, baseline.weights_hash, current.model, current.weights_hash):
+        return None
+    stored = describe_checkpoint(baseline.model, baseline.weights_hash)
+    now = describe_checkpoint(current.model, current.weights_hash)
+    return (
+        f"the baseline was recorded on another checkpoint ({stored}) than this run's ({now}), so nothing is "
+        f"compared: a pass would say that two checkpoints agree. Pass {COMPARE_CHECKPOINT_OPTION} (ini "
+        "patchscope_compare_checkpoint = true) to gate this checkpoint against it, or record this checkpoint's "
+        f"own baseline with {UPDATE_OPTION}"
     )
 
 

@@ -5,9 +5,20 @@ moves with the command line (pytest derives it from any argument that looks like
 the value of ``--patchscope-baseline PATH`` written as two words), while the project root is a
 property of where the test file lives. It is the nearest folder above the test that holds ``.git``
 or ``.hg``; else one with ``pyproject.toml``, ``setup.py`` or ``setup.cfg``; else one with
-``pytest.ini``, ``.pytest.ini`` or ``tox.ini``; else pytest's rootdir. So a key does not change
-with ``--opt PATH`` or ``--opt=PATH``, the working directory, where the baseline lives, a moved
-checkout, or an ini file added later to a project that has a repository or a pyproject.toml.
+``pytest.ini``, ``.pytest.ini`` or ``tox.ini``. So a key does not change with ``--opt PATH`` or
+``--opt=PATH``, the working directory, where the baseline lives, a moved checkout, or an ini file
+added later to a project that has a repository or a pyproject.toml.
+
+Without any marker above a test, its path is written relative to the *baseline file's folder*
+(:func:`unmarked_anchor`), which the command line cannot move either: the option's value is made
+absolute against the working directory before it is used, whether the file exists yet or not. A
+test below that folder gets a plain relative path (``test_x.py``, ``sub/test_x.py``); a test
+outside it gets one that climbs (``../tests/test_x.py``), which stays the same as long as the tests
+and the baseline keep their places relative to each other (a moved or copied folder holding both
+keeps its keys). A baseline outside the tree of its tests therefore gives keys that name the way
+from one to the other: keep the baseline next to the tests, or add a marker. A run without a
+baseline file (a ``--patchscope-compare-model`` run, or ``record()`` with no baseline option)
+falls back to pytest's rootdir: its keys only label probes in reports.
 """
 from __future__ import annotations
 
@@ -18,7 +29,7 @@ import os
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
-from ..errors import ProbeConfigError
+from pytest_patchscope.errors import ProbeConfigError
 
 ROOT_MARKERS = (
     (".git", ".hg"),
@@ -39,8 +50,17 @@ def project_root(directory: Path) -> Path | None:
     return None
 
 
+def unmarked_anchor(baseline_path: str | os.PathLike[str] | None, rootdir: Path) -> Path:
+    """Where test paths start when no marker lies above a test: the baseline file's folder (absolute),
+    else ``rootdir`` (see the module docstring)."""
+    if baseline_path is None:
+        return Path(os.path.abspath(rootdir))
+    return Path(os.path.abspath(baseline_path)).parent
+
+
 def anchored_path(path: str | os.PathLike[str], fallback_root: Path) -> str:
-    """``path`` (a test file) relative to its project root, as a POSIX path."""
+    """``path`` (a test file) relative to its project root, else to ``fallback_root`` (see
+    :func:`unmarked_anchor`), as a POSIX path."""
     absolute = Path(os.path.abspath(path))
     root = project_root(absolute.parent) or Path(os.path.abspath(fallback_root))
     return PurePosixPath(Path(os.path.relpath(absolute, root))).as_posix()

@@ -1,8 +1,8 @@
 """Rendering comparisons for people: one-character hit marks, the side-by-side table, failure text."""
 from __future__ import annotations
 
-from ..profile import LayerCell, LocalizationProfile
-from .comparator import Comparison, best_cells_by_layer
+from pytest_patchscope.baseline.comparator import Comparison, best_cells_by_layer
+from pytest_patchscope.baseline.profile import LayerCell, LocalizationProfile
 
 HIT_MARK, MISS_MARK, NO_MARK = "■", "·", " "
 

@@ -2,29 +2,46 @@
 
 Version 2 holds one checkpoint: the header names the model, its weights hash and its shape
 (n_layers, d_model, vocab_size); each entry holds one probe's identity, the test that recorded it,
-the expected answer and one line per layer cell. Logprobs are rounded so that reruns do not churn
-diffs. Anything malformed (a truncated file, a hand-edited cell of the wrong type, an unknown
-version) is a BaselineError that names the path and a way out that works.
+the expected answer and one line per layer cell. Anything malformed (a truncated file, a hand-edited
+cell of the wrong type, an unknown version, NaN or a 100k-deep nesting in a probe, a number too long
+to parse) is a BaselineError that names the path and a way out that works; the reader accepts only
+what the writer can write back.
+
+Re-recording does not churn: log-probabilities and margins are stored to ``LOGPROB_DECIMALS``
+decimals, and an update keeps a stored number whose new value lies within ``NOISE_TOLERANCE``
+(0.001 nats) of it (:func:`settle`). The same computation run with another number of torch threads,
+under xdist (one thread per worker) or in another batch differs by about 1e-5 nats in float32, which
+flips the 4th decimal now and then; 0.001 nats is 2,000 times below the gate's smallest default
+tolerance (``peak_tie_margin`` 0.5). So a repeat update, ``-n 0`` or ``-n 2``, rewrites the file byte
+for byte, while a number that moved by more than 0.001 nats, and every text, hit, rank or
+degeneration flag that changed, is written. A first record has nothing to keep, so two first records
+may still differ in a 4th decimal.
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..errors import BaselineError
-from ..profile import LayerCell, LocalizationProfile
+from pytest_patchscope.baseline.profile import LayerCell, LocalizationProfile
+from pytest_patchscope.errors import BaselineError
 
 FORMAT = "pytest-patchscope-baseline"
 VERSION = 2
 LOGPROB_DECIMALS = 4
+NOISE_TOLERANCE = 1e-3
+"""Nats: an update keeps a stored log-probability, margin or candidate score whose new value lies
+within this of it (float noise of thread counts and batching is about 1e-5; see the module docstring)."""
 UPDATE_OPTION = "--patchscope-update-baseline"
 REWRITE_OPTION = "--patchscope-rewrite-baseline"
+COMPARE_CHECKPOINT_OPTION = "--patchscope-compare-checkpoint"
 KEY_ANCHOR = (
     "test files relative to the project root: the nearest folder above the test with .git or .hg, "
-    "else with pyproject.toml, setup.py or setup.cfg, else with pytest.ini, .pytest.ini or tox.ini"
+    "else with pyproject.toml, setup.py or setup.cfg, else with pytest.ini, .pytest.ini or tox.ini; "
+    "with none of these, relative to this file's folder"
 )
 ARCHITECTURE_FIELDS = ("n_layers", "d_model", "vocab_size")
 
@@ -66,6 +83,14 @@ def describe_checkpoint(model: str, weights_hash: str, dtype: str = "") -> str:
     return f"{model or '?'} @ {weights_hash[:12] or '?'}" + (f" in {dtype}" if dtype else "")
 
 
+def same_checkpoint(model: str, weights_hash: str, other_model: str, other_hash: str) -> bool:
+    """Whether two (model name, weights hash) pairs name one checkpoint: the same weights hash when
+    both are known (a renamed or moved folder is the same checkpoint), else the same name and hash."""
+    if weights_hash and other_hash:
+        return weights_hash == other_hash
+    return (model, weights_hash) == (other_model, other_hash)
+
+
 def describe_architecture(architecture: Mapping[str, int]) -> str:
     return ", ".join(f"{name} {architecture.get(name, '?')}" for name in ARCHITECTURE_FIELDS)
 
@@ -73,6 +98,34 @@ def describe_architecture(architecture: Mapping[str, int]) -> str:
 def round_logprob(value: float | None) -> float | None:
     """A log-probability as files and reports store it: rounded, and None when not finite (strict JSON)."""
     return None if value is None or not math.isfinite(value) else round(value, LOGPROB_DECIMALS)
+
+
+def _settled(new: float, stored: float | None) -> float:
+    """The stored value when ``new`` lies within NOISE_TOLERANCE of it, else ``new``."""
+    return stored if stored is not None and math.isfinite(new) and abs(new - stored) <= NOISE_TOLERANCE else new
+
+
+def settle(new: LocalizationProfile, stored: LocalizationProfile) -> LocalizationProfile:
+    """``new`` with each number that lies within NOISE_TOLERANCE of ``stored``'s (cell by cell:
+    same layer, target layer and unit) replaced by the stored value, so that an update writes only
+    what changed beyond float noise. Texts, hits, ranks and flags are ``new``'s: they are discrete.
+    """
+    before = {(c.layer, c.target_layer, c.unit): c for c in stored.cells}
+    cells = []
+    for cell in new.cells:
+        old = before.get((cell.layer, cell.target_layer, cell.unit))
+        if old is not None:
+            scores = cell.candidate_logprobs
+            if scores is not None and old.candidate_logprobs is not None:
+                scores = {name: _settled(value, old.candidate_logprobs.get(name)) for name, value in scores.items()}
+            cell = replace(
+                cell,
+                logprob=None if cell.logprob is None else _settled(cell.logprob, old.logprob),
+                margin=None if cell.margin is None else _settled(cell.margin, old.margin),
+                candidate_logprobs=scores,
+            )
+        cells.append(cell)
+    return replace(new, cells=tuple(cells))
 
 
 def serialize_entry(entry: Entry) -> dict[str, Any]:
@@ -158,6 +211,9 @@ def deserialize_entry(where: str, data: Any, header: BaselineFile) -> Entry:
     test: Any = data.get("test")
     expect, grid = data.get("expect"), data.get("grid", False)
     _check(where, "probe", probe, isinstance(probe, dict), "a JSON object (the probe's identity)")
+    problem = _unwritable(probe, "probe", MAX_PROBE_DEPTH)
+    if problem is not None:
+        _check(where, *problem[:2], False, problem[2])
     _check(where, "cells", cells, isinstance(cells, list), "a JSON list of cells")
     _check(where, "test", test, isinstance(test, str) and "::" in test, "the recording test, 'file::name'")
     _check(where, "expect", expect, expect is None or isinstance(expect, str), "a string or null")
@@ -177,6 +233,38 @@ def deserialize_entry(where: str, data: Any, header: BaselineFile) -> Entry:
         candidates=tuple(candidates),
     )
     return Entry(profile, test)
+
+
+MAX_PROBE_DEPTH = 16
+"""How deep a probe's identity may nest (the plugin's own nest 3 deep): deeper is a hand-made file."""
+
+
+def _writable_text(text: str) -> str:
+    """``text`` as it may be shown and written: a lone surrogate as its escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _unwritable(value: Any, name: str, max_depth: int | None) -> tuple[str, Any, str] | None:
+    """The first place in JSON data the writer could not write back, as (path, value, what is
+    allowed), or None: a NaN or infinite number, a string with a lone surrogate, or (with
+    ``max_depth``) nesting deeper than that. Iterative, so any depth that parsed is walked."""
+    stack: list[tuple[str, Any, int]] = [(name, value, 0)]
+    while stack:
+        where, item, depth = stack.pop()
+        if max_depth is not None and depth > max_depth:
+            return where, "[...]" if isinstance(item, list) else item, f"JSON data nested at most {max_depth} deep"
+        if isinstance(item, float) and not math.isfinite(item):
+            return where, item, "a finite number (a baseline is strict JSON)"
+        if isinstance(item, str) and _writable_text(item) != item:
+            return where, item, "a string without lone surrogates (\\ud800-\\udfff)"
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if _writable_text(key) != key:
+                    return where, key, "an object whose keys have no lone surrogates (\\ud800-\\udfff)"
+                stack.append((f"{where}.{key}", child, depth + 1))
+        elif isinstance(item, list):
+            stack.extend((f"{where}[{k}]", child, depth + 1) for k, child in enumerate(item))
+    return None
 
 
 def _dumps(value: Any, level: int = 0) -> str:
@@ -207,8 +295,19 @@ def to_json(baseline: BaselineFile) -> str:
         "architecture": {name: baseline.architecture[name] for name in ARCHITECTURE_FIELDS if name in baseline.architecture},
         "entries": {key: serialize_entry(entry) for key, entry in sorted(baseline.entries.items())},
     }
-    return _dumps(document) + "\n"
+    try:
+        return _dumps(document) + "\n"
+    except (ValueError, RecursionError) as exc:  # NaN or infinity (strict JSON), nesting too deep
+        problem = _unwritable(document, "baseline", None)
+        where = "" if problem is None else f" ({problem[0]}={problem[1]!r} is not valid: {problem[2]})"
+        raise BaselineError(
+            f"baseline {baseline.path} not written: its data cannot be written as strict JSON{where}: "
+            f"{_writable_text(str(exc))}. The previous file, if any, is unchanged."
+        ) from exc
 
+
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+"""A \\uD800-\\uDFFF escape in a file's text: only then can a parsed string hold a lone surrogate."""
 
 WAY_OUT = f"Restore it from version control, delete it, or pass {REWRITE_OPTION} to record it anew (it replaces the file)."
 """What to do about an unreadable baseline: every way named here works."""
@@ -222,6 +321,22 @@ def from_json(text: str, path: Path) -> BaselineFile:
         raise BaselineError(
             f"baseline {path} is not valid JSON ({exc}); it may be truncated or hand-edited. {WAY_OUT}"
         ) from exc
+    except ValueError as exc:  # an integer past Python's digit limit (4300)
+        raise BaselineError(
+            f"baseline {path} cannot be read: it holds a number too long to parse ({exc}). No file this "
+            f"plugin writes holds one; it was hand-edited or damaged. {WAY_OUT}"
+        ) from exc
+    except RecursionError as exc:
+        raise BaselineError(
+            f"baseline {path} cannot be read: its JSON nests too deep to parse. No file this plugin writes "
+            f"nests that deep; it was hand-edited or damaged. {WAY_OUT}"
+        ) from exc
+    if _ESCAPED_SURROGATE.search(text):
+        problem = _unwritable(data, "baseline", None)
+        if problem is not None:
+            raise BaselineError(
+                f"baseline {path}: {problem[0]}={problem[1]!r} is not valid: {problem[2]}. {WAY_OUT}"
+            )
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         marker = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise BaselineError(

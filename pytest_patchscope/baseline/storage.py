@@ -5,6 +5,9 @@
 - An update is a read-merge-write under a lock on the baseline's folder, so two concurrent
   update runs (two CI jobs, two ``-k`` subsets) merge: neither loses the other's entries.
 - One file holds one checkpoint, in one dtype, of one architecture; an update that would mix two is refused.
+- An update (and a rewrite of a readable file) keeps each stored number that this run reproduced
+  within ``serializer.NOISE_TOLERANCE``, so re-recording an unchanged model rewrites the file byte
+  for byte, whatever the thread count or xdist layout.
 """
 from __future__ import annotations
 
@@ -13,17 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
-from ..errors import BaselineError
-from ..fileio import atomic_write, file_lock, remove_stale_temps
-from .serializer import (
-    REWRITE_OPTION,
-    BaselineFile,
-    Entry,
-    describe_architecture,
-    describe_checkpoint,
-    from_json,
-    to_json,
-)
+from pytest_patchscope.baseline.serializer import REWRITE_OPTION, BaselineFile, Entry, describe_architecture, describe_checkpoint, from_json, settle, to_json
+from pytest_patchscope.errors import BaselineError
+from pytest_patchscope.fileio import atomic_write, file_lock, remove_stale_temps
 
 
 def read_baseline(path: str | os.PathLike[str]) -> BaselineFile | None:
@@ -95,6 +90,7 @@ def update_baseline(
             if not rewrite:
                 raise
             existing = None
+        before = {} if existing is None else existing.entries  # numbers within noise of these are kept
         if existing is None:
             existing = BaselineFile(path, model=model, weights_hash=weights_hash, architecture=architecture, dtype=dtype)
         unused = {key: entry for key, entry in existing.entries.items() if key not in recorded}
@@ -114,16 +110,28 @@ def update_baseline(
                 f"suite on the new checkpoint so that every entry is recorded again, or pass {REWRITE_OPTION} to start the "
                 "file over on this checkpoint."
             )
+        settled = {
+            key: entry if key not in before else Entry(settle(entry.profile, before[key].profile), entry.test)
+            for key, entry in recorded.items()
+        }
         merged = BaselineFile(
             path,
-            {**{key: existing.entries[key] for key in kept}, **recorded},
+            {**{key: existing.entries[key] for key in kept}, **settled},
             model,
             weights_hash,
             architecture,
             dtype,
         )
+        text = to_json(merged)
         try:
-            atomic_write(path, to_json(merged))
+            payload = text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise BaselineError(
+                f"baseline {path} not written: a recorded text holds a lone surrogate ({exc.object[exc.start:exc.end]!r}), "
+                "which UTF-8 cannot encode. The previous file, if any, is unchanged; check the probe's strings."
+            ) from exc
+        try:
+            atomic_write(path, payload)
         except OSError as exc:
             raise BaselineError(
                 f"cannot write baseline {path}: {exc}. The previous file, if any, is unchanged; "

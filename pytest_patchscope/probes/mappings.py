@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ProbeConfigError
+from pytest_patchscope.errors import ProbeConfigError
 
 
 class AffineMapping(torch.nn.Module):

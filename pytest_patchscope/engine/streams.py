@@ -25,14 +25,15 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from .backend import layer_signature, module_device
-from .errors import EngineError, ProbeConfigError
-from .sites import SiteLocation, locate_site
+from pytest_patchscope.errors import EngineError, ProbeConfigError
+from pytest_patchscope.model.backend import layer_signature
+from pytest_patchscope.model.devices import module_device
+from pytest_patchscope.model.sites import SiteLocation, locate_site
 
 if TYPE_CHECKING:
     import torch
 
-    from .models import PatchscopeModel
+    from pytest_patchscope.model.loading import PatchscopeModel
 
 PER_SEQUENCE_KWARGS = ("position_ids", "position_embeddings")
 """Decoder-layer arguments with one entry per sequence, narrowed to a layer's streams (the mask is set apart)."""

@@ -1,13 +1,15 @@
 """What a probe gives back: the patched continuation beside the clean one, candidate scores and samples.
 
-Plain data (no torch): results are compared, asserted on and shown in reports.
+Plain data (no torch): results are compared, asserted on and shown in reports. A result also knows
+how a failed expectation about it reads (`describe_failure`), for assertions and `check_all` alike.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import ProbeConfigError
-from .probe import Probe, ResolvedProbe
+from pytest_patchscope.engine.resolve import ResolvedProbe
+from pytest_patchscope.errors import ProbeConfigError
+from pytest_patchscope.probes.probe import Probe
 
 
 @dataclass(frozen=True)
@@ -88,3 +90,39 @@ class PatchResult:
 
     def __str__(self) -> str:
         return f"{self.probe.describe()}\n  patched: {self.text!r}\n  clean:   {self.clean_text!r}"
+
+
+def _text_line(text: str | None, degenerate: str | None, generated: bool) -> str:
+    if not generated:
+        return "(none generated: max_new_tokens=0 scores only)"
+    return repr(text) + (f"  [degenerate: {degenerate}]" if degenerate else "")
+
+
+def describe_scores(result: PatchResult) -> list[str]:
+    """Every candidate's score after the patched and the clean target, one line each."""
+    if not result.scores:
+        return []
+    width = max(len(repr(c)) for c in result.scores)
+    lines = [f"  {'candidate':<{width}}  {'patched logprob (mean, rank)':<32}clean logprob (mean, rank)"]
+    for candidate, score in sorted(result.scores.items(), key=lambda item: -item[1].logprob):
+        clean = result.clean_scores.get(candidate) if result.clean_scores else None
+        shown = "" if clean is None else f"{clean.logprob:9.3f} ({clean.mean_logprob:.3f}, {clean.rank})"
+        lines.append(f"  {candidate!r:<{width}}  {f'{score.logprob:9.3f} ({score.mean_logprob:.3f}, {score.rank})':<32}{shown}")
+    return lines
+
+
+def describe_failure(result: PatchResult, expectation: str) -> str:
+    """What failed, then the probe, its patched and clean text (flagged when degenerate), any
+    candidate scores, and the probe as code (for @example)."""
+    generated = result.probe.max_new_tokens > 0
+    lines = [
+        expectation,
+        f"  probe:    {result.probe.describe()}",
+        f"  patched:  {_text_line(result.text, result.degenerate, generated)}",
+        f"  clean:    {_text_line(result.clean_text, result.clean_degenerate, generated)}",
+    ]
+    if len(result.samples) > 1:
+        lines.append(f"  samples:  {[s.text for s in result.samples]!r}")
+    lines += describe_scores(result)
+    lines.append(f"  as code:  {result.probe!r}")
+    return "\n".join(lines)

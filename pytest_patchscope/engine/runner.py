@@ -16,83 +16,30 @@ How a batch of probes runs (on the plain HF twin, which shares every weight with
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, cast
 
-from .decoding import GREEDY, Decoding, degeneration, next_token, row_generator
-from .errors import EngineError, ProbeConfigError
-from .probe import Probe, ResolvedProbe, apply_mapping, mapping_name, resolve_probe
-from .results import CandidateScore, PatchResult, Sample
-from .sites import DEFAULT_SITE, SiteLocation, locate_site
-from .streams import Capture, LayerKV, PackedLayout, Patch, Span, StreamPlan, forward_opening, forward_streams
+from pytest_patchscope.engine.decode import degeneration, next_token, row_generator
+from pytest_patchscope.engine.resolve import ResolvedProbe, apply_mapping, resolve_probe
+from pytest_patchscope.engine.results import PatchResult
+from pytest_patchscope.engine.rows import Row, RowOutput, SourceStates, StateKey, build_rows, family_roots, probe_result, source_model_key
+from pytest_patchscope.engine.streams import Capture, LayerKV, PackedLayout, Patch, Span, StreamPlan, forward_opening, forward_streams
+from pytest_patchscope.errors import EngineError, ProbeConfigError
+from pytest_patchscope.model.sites import DEFAULT_SITE, locate_site
+from pytest_patchscope.probes.probe import Probe, mapping_name
+from pytest_patchscope.progress import ProgressCallback
 
 if TYPE_CHECKING:
     import torch
 
-    from .models import PatchscopeModel
+    from pytest_patchscope.model.loading import PatchscopeModel
 
-ProgressCallback = Callable[[float, int], None]
-"""progress(done, total): probes done of the job's total; `done` grows within a chunk too (by
-decoding steps), so it may be fractional, and reaches `total` exactly when the job ends."""
 DEFAULT_BATCH_MEMORY_MB = 512
 DEFAULT_MAX_NEW_TOKENS_LIMIT = 1024
 """Default sanity bound on a probe's max_new_tokens: a typo such as 10**7 fails fast instead of running for days."""
 PACK_TOKENS = 512
 """Longest packed row of the opening pass (unless one unit is longer): bounds its T x T mask."""
-StateKey = tuple[tuple[int, ...], int, str, str]
-"""(source ids, source index, site name, source model): one source value, at every layer asked for.
-The source model is "" for the engine's own model, else `source_model_key` of another one."""
-SourceStates = dict[StateKey, dict[int, Any]]
-"""Source values already at hand: StateKey -> {layer: tensor of the site's shape}."""
-
-
-@dataclass
-class _Row:
-    """One sequence of a batch: a target prompt, at most one patch, and its decoding budget.
-
-    A patched row writes the source value `sources[k]` (or its only one) at target token
-    `offsets[k]` past its split, at `location` in block `patch_layer`. A row with a `parent` (a
-    sample or a candidate of it) has the parent's target and patch and shares the parent's opening
-    pass and keys/values: it branches off only once its tokens differ.
-    """
-
-    target_ids: tuple[int, ...]
-    split: int  # tokens before this index are the shared prefix
-    patch_layer: int | None = None
-    sources: tuple[StateKey, ...] = ()  # none: a clean row
-    location: SiteLocation | None = None
-    offsets: tuple[int, ...] = (0,)
-    units: tuple[int, ...] | None = None
-    source_layer: int = 0
-    mapping: Any = None
-    strength: float = 1.0
-    max_new_tokens: int = 20
-    stop: tuple[str, ...] = ()
-    score_ids: tuple[int, ...] = ()
-    parent: int | None = None
-    forced: tuple[int, ...] = ()
-    """Teacher-forced tokens (a candidate): fed instead of chosen, each one's log-probability kept."""
-    decoding: Decoding = GREEDY
-    sample: int = 0
-    """Which sample of its probe this row draws (its generator is seeded decoding.seed + sample)."""
-
-    @property
-    def branch_stage(self) -> int | None:
-        """The first stage at which this row differs from the clean rows on its target (None: never)."""
-        if not self.sources or self.patch_layer is None or self.location is None:
-            return None
-        return self.location.branch_stage(self.patch_layer)
-
-
-@dataclass
-class _RowOutput:
-    tokens: list[int]
-    text: str
-    scores: dict[int, tuple[float, int]]
-    forced_logprobs: list[float]
-    first_rank: int | None
-    degenerate: str | None
 
 
 def _float_mask(allowed: "torch.Tensor", dtype: "torch.dtype") -> "torch.Tensor":
@@ -137,7 +84,7 @@ class Engine:
         return [states[key] for key in keys]
 
     def _opening(
-        self, rows: list[_Row], wanted: dict[StateKey, set[int]], states: SourceStates,
+        self, rows: list[Row], wanted: dict[StateKey, set[int]], states: SourceStates,
         vector_of: Callable[[int], Any] | None, layer_done: Callable[[int], None] | None = None,
     ) -> tuple[StreamPlan, list[int], dict[Any, int], "torch.Tensor | None", list[LayerKV], int, int, list[int]]:
         """One pass over every shared prefix, every source prompt in `wanted` and every row's T[split:].
@@ -156,7 +103,7 @@ class Engine:
         # Rows share a stream while they have seen the same tokens: at first, the same target and shard.
         group_ids: dict[Any, int] = {}
         groups = [group_ids.setdefault((row.target_ids, row.split, shard_of[r]), len(group_ids)) for r, row in enumerate(rows)]
-        roots = _roots(rows)
+        roots = family_roots(rows)
         plan = StreamPlan(range(len(rows)), groups, [row.branch_stage for row in rows], self.model.n_layers, roots)
         layout = PackedLayout(plan, spans, segments, n_packed)
         captures: dict[tuple[int, str], list[Capture]] = {}
@@ -188,7 +135,7 @@ class Engine:
 
     @staticmethod
     def _pack(
-        rows: list[_Row], wanted: dict[StateKey, set[int]]
+        rows: list[Row], wanted: dict[StateKey, set[int]]
     ) -> tuple[list[tuple[tuple[int, ...], int]], dict[int, Span], list[int], int]:
         """Lay out the opening pass: (segment, packed row) list, each row's span, its shard, packed rows.
 
@@ -242,7 +189,7 @@ class Engine:
         return segments, spans, shard_of, len(fill)
 
     # ---- batching --------------------------------------------------------------------------
-    def _row_bytes(self, row: _Row) -> int:
+    def _row_bytes(self, row: Row) -> int:
         """A generous estimate of one row's peak memory: KV cache, activations, masks and logits.
 
         Values are in the model's dtype, except the logits (float32 once scored). The opening pass
@@ -270,7 +217,7 @@ class Engine:
         masks = (self.model.n_layers + 1) * len(architecture.distinct_windows) * per_head * tokens * max(PACK_TOKENS, tokens)
         return element * (kv + activations + masks) + 4 * logits
 
-    def _chunks(self, rows: list[_Row]) -> list[list[int]]:
+    def _chunks(self, rows: list[Row]) -> list[list[int]]:
         """Row indices grouped so that each chunk's estimated memory stays under the limit.
 
         A row and its samples and candidates (its family) always share a chunk, parent first.
@@ -278,7 +225,7 @@ class Engine:
         family that alone needs more than the limit is a ProbeConfigError (raised before anything runs).
         """
         families: dict[int, list[int]] = {}
-        for k, root in enumerate(_roots(rows)):
+        for k, root in enumerate(family_roots(rows)):
             families.setdefault(root, []).append(k)
         order = sorted(families, key=lambda k: (rows[k].target_ids[: rows[k].split], len(rows[k].target_ids)))
         budget = self.batch_memory_mb * 2**20
@@ -306,13 +253,13 @@ class Engine:
             chunks.append(current)
         return chunks
 
-    def run_rows(self, rows: list[_Row], states: SourceStates, progress: ProgressCallback | None = None) -> list[_RowOutput]:
+    def run_rows(self, rows: list[Row], states: SourceStates, progress: ProgressCallback | None = None) -> list[RowOutput]:
         """Run `rows` chunk by chunk; `states` holds known source states and gains those captured.
 
         The first chunk's opening pass also captures every missing source state of the whole job,
         and every mapping is applied (and checked) before a second chunk runs.
         """
-        outputs: list[_RowOutput | None] = [None] * len(rows)
+        outputs: list[RowOutput | None] = [None] * len(rows)
         chunks = self._chunks(rows)
         wanted: dict[StateKey, set[int]] = {}
         for row in rows:
@@ -367,9 +314,9 @@ class Engine:
         return [o for o in outputs if o is not None]
 
     def _run_chunk(
-        self, rows: list[_Row], wanted: dict[StateKey, set[int]], states: SourceStates, vector_of: Callable[[int], Any],
+        self, rows: list[Row], wanted: dict[StateKey, set[int]], states: SourceStates, vector_of: Callable[[int], Any],
         step_done: Callable[[float], None],
-    ) -> list[_RowOutput]:
+    ) -> list[RowOutput]:
         """The opening pass and decoding of one chunk, rows sharing streams where they agree.
 
         `step_done(fraction)` is told after the opening pass and after every decoding step."""
@@ -471,7 +418,7 @@ class Engine:
         for r, row in enumerate(rows):
             text = stopped_text[r] if r in stopped_text else model.decode(tokens[r])
             flag = None if row.forced else degeneration(tokens[r], model.decode)
-            outputs.append(_RowOutput(tokens[r], text, scores[r], forced_logprobs[r], first_rank[r], flag))
+            outputs.append(RowOutput(tokens[r], text, scores[r], forced_logprobs[r], first_rank[r], flag))
         return outputs
 
     @staticmethod
@@ -488,90 +435,6 @@ class Engine:
 def _rank(logprobs: "torch.Tensor", token: int) -> int:
     """A token's rank among all tokens of one step (0 = the greedy choice; ties share the better rank)."""
     return int((logprobs > logprobs[token]).sum())
-
-
-def _roots(rows: Sequence[_Row]) -> list[int]:
-    """Each row's family root: its parent, or itself."""
-    return [r if row.parent is None else row.parent for r, row in enumerate(rows)]
-
-
-@dataclass
-class _ProbeRows:
-    """Where one probe's rows are: its samples (the first is the probe's own row) and candidates,
-    patched and clean (None when run with clean=False)."""
-
-    samples: list[int]
-    candidates: list[int]
-    clean_samples: list[int] | None
-    clean_candidates: list[int] | None
-
-
-def _family(rows: list[_Row], main: _Row, candidate_ids: Sequence[tuple[int, ...]]) -> tuple[list[int], list[int]]:
-    """Append `main` with its extra samples and one forced row per candidate; their indices."""
-    rows.append(main)
-    root = len(rows) - 1
-    samples = [root]
-    for sample in range(1, main.decoding.n_samples):
-        rows.append(replace(main, parent=root, sample=sample, score_ids=()))
-        samples.append(len(rows) - 1)
-    candidates = []
-    for ids in candidate_ids:
-        rows.append(replace(main, parent=root, forced=ids, decoding=GREEDY, max_new_tokens=len(ids), stop=(), score_ids=()))
-        candidates.append(len(rows) - 1)
-    return samples, candidates
-
-
-def build_rows(
-    resolved: Sequence[ResolvedProbe], score_ids: Sequence[tuple[int, ...]] | None = None, *, clean: bool = True
-) -> tuple[list[_Row], list[_ProbeRows]]:
-    """Rows for the patched probes plus (if `clean`) one clean family per distinct (target, budget,
-    stop, decoding, candidates), each with its samples and candidates."""
-    # A clean row shares the prefix of the probes on the same target (the smallest split).
-    split_of_target: dict[tuple[int, ...], int] = {}
-    for rp in resolved:
-        current = split_of_target.get(rp.target_ids, rp.target_index)
-        split_of_target[rp.target_ids] = min(current, rp.target_index)
-
-    rows: list[_Row] = []
-    placed: list[_ProbeRows] = []
-    clean_index: dict[tuple[Any, ...], tuple[list[int], list[int]]] = {}
-    for k, rp in enumerate(resolved):
-        site = rp.location.site.name
-        probe = rp.probe
-        main = _Row(
-            target_ids=rp.target_ids,
-            split=rp.target_index,
-            patch_layer=rp.target_layer,
-            sources=tuple((rp.source_ids, index, site, source_model_key(rp.source_model)) for index in rp.source_indices),
-            location=rp.location,
-            offsets=tuple(index - rp.target_index for index in rp.target_indices),
-            units=rp.units,
-            source_layer=rp.layer,
-            mapping=probe.mapping,
-            strength=float(probe.strength),
-            max_new_tokens=probe.max_new_tokens,
-            stop=probe.stop,
-            score_ids=tuple(score_ids[k]) if score_ids else (),
-            decoding=probe.decoding,
-        )
-        samples, candidates = _family(rows, main, rp.candidate_ids)
-        if not clean:
-            placed.append(_ProbeRows(samples, candidates, None, None))
-            continue
-        key = (rp.target_ids, probe.max_new_tokens, probe.stop, probe.decoding, rp.candidate_ids)
-        if key not in clean_index:
-            clean_main = _Row(
-                target_ids=rp.target_ids, split=split_of_target[rp.target_ids], max_new_tokens=probe.max_new_tokens,
-                stop=probe.stop, decoding=probe.decoding,
-            )
-            clean_index[key] = _family(rows, clean_main, rp.candidate_ids)
-        placed.append(_ProbeRows(samples, candidates, *clean_index[key]))
-    return rows, placed
-
-
-def source_model_key(model: "PatchscopeModel | None") -> str:
-    """The StateKey element naming a probe's source model: "" for the engine's own model."""
-    return "" if model is None else f"{model.name}#{model.weights_hash or id(model)}"
 
 
 def _capture_other_models(resolved: Sequence[ResolvedProbe], states: SourceStates, batch_memory_mb: float) -> None:
@@ -618,35 +481,4 @@ def run_probes(
         states: SourceStates = {key: dict(value) for key, value in (source_states or {}).items()}
         _capture_other_models(resolved, states, engine.batch_memory_mb)
         outputs = engine.run_rows(rows, states, progress)
-    return [_result(rp, where, outputs) for rp, where in zip(resolved, placed)]
-
-
-def _result(rp: ResolvedProbe, where: _ProbeRows, outputs: Sequence[_RowOutput]) -> PatchResult:
-    """One probe's PatchResult from its rows' outputs."""
-
-    def samples(indices: list[int]) -> tuple[Sample, ...]:
-        return tuple(Sample(outputs[r].text, tuple(outputs[r].tokens), outputs[r].degenerate) for r in indices)
-
-    def scores(indices: list[int]) -> dict[str, CandidateScore]:
-        return {
-            candidate: CandidateScore(candidate, ids, tuple(outputs[r].forced_logprobs), outputs[r].first_rank or 0)
-            for candidate, ids, r in zip(rp.probe.candidates, rp.candidate_ids, indices)
-        }
-
-    main = outputs[where.samples[0]]
-    clean = None if where.clean_samples is None else outputs[where.clean_samples[0]]
-    return PatchResult(
-        probe=rp.probe,
-        resolved=rp,
-        text=main.text,
-        clean_text=None if clean is None else clean.text,
-        tokens=tuple(main.tokens),
-        clean_tokens=None if clean is None else tuple(clean.tokens),
-        first_token_scores=main.scores,
-        scores=scores(where.candidates),
-        clean_scores=None if where.clean_candidates is None else scores(where.clean_candidates),
-        samples=samples(where.samples),
-        clean_samples=None if where.clean_samples is None else samples(where.clean_samples),
-        degenerate=main.degenerate,
-        clean_degenerate=None if clean is None else clean.degenerate,
-    )
+    return [probe_result(rp, where, outputs) for rp, where in zip(resolved, placed)]

@@ -150,6 +150,11 @@ class LocalizationProfile:
             head = f"{c.unit:>4} " if unit else ""
             margin = (f"{c.margin:7.3f} " if c.margin is not None else " " * 8) if margins else ""
             rows.append(f"{c.layer:>3} {c.target_layer:>3} {head}{hit:>3} {lp:>8} {rank:>6} {margin} {text!s}")
+        if margins:
+            rows.append(
+                f"(hit: the expected candidate {self.expect!r} beats the other candidates, margin > 0; "
+                "it does not mean the text contains it)"
+            )
         return "\n".join(rows)
 
     # ---- plain-data round trip (used by serializers and xdist) -----------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Union
 
-from .probe import Placeholder, Position
+from pytest_patchscope.probes.probe import Placeholder, Position
 
 TargetLayer = Union[Literal["same", "last"], int]
 

@@ -1,94 +1,38 @@
-"""A Patchscopes probe: (S, i, l) -> (T, i*, l*, f, strength), and how its positions resolve.
+"""A probe resolved against a model: token ids, absolute positions, checked layers, site and units.
 
-Positions always index the token ids that the model's own tokenizer produces for the prompt
-(with its own BOS convention), so position 3 means the same token in every code path.
+`resolve_probe` is where a user's `Probe` meets a model. Every field is checked here, before any
+hook is added, and a ProbeConfigError names the first bad one. Positions always index the token
+ids that the model's own tokenizer produces for the prompt (with its own BOS convention), so
+position 3 means the same token in every code path.
 """
 from __future__ import annotations
 
-import inspect
-import math
-import numbers
-from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence, Union
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from .decoding import GREEDY, Decoding, check_decoding
-from .errors import ProbeConfigError
-from .sites import SiteLocation, locate_site
+from pytest_patchscope.errors import ProbeConfigError
+from pytest_patchscope.model.loading import resolve_source_model
+from pytest_patchscope.model.sites import SiteLocation, locate_site
+from pytest_patchscope.probes.decoding import check_decoding
+from pytest_patchscope.probes.probe import (
+    MAX_STRENGTH,
+    TOKEN_CHOICES,
+    Mapping,
+    Placeholder,
+    Position,
+    Positions,
+    Probe,
+    Span,
+    Substring,
+    describe_position,
+    mapping_name,
+)
+from pytest_patchscope.validation import as_int, check_layer, finite_real
 
 if TYPE_CHECKING:
     import torch
 
-    from .models import PatchscopeModel
-
-
-TokenChoice = Literal["last", "first", "all"]
-TOKEN_CHOICES = ("last", "first", "all")
-
-
-@dataclass(frozen=True)
-class Substring:
-    """A substring of the prompt; resolves to its last token (token='first': its first one;
-    token='all': every token of it, e.g. all tokens of a multi-token entity).
-
-    `occurrence` picks which occurrence (0 = first, -1 = last).
-    """
-
-    text: str
-    token: TokenChoice = "last"
-    occurrence: int = 0
-
-
-@dataclass(frozen=True)
-class Span:
-    """A (start, end) character span of the prompt with a token choice, like Substring's."""
-
-    start: int
-    end: int
-    token: TokenChoice = "last"
-
-
-@dataclass(frozen=True)
-class Placeholder:
-    """A whole token of the prompt, such as the paper's "x"; `occurrence` defaults to the last one."""
-
-    text: str = "x"
-    occurrence: int = -1
-
-
-CharSpan = tuple[int, int]
-"""A (start, end) character span of the prompt: resolves like a Substring at exactly that place."""
-
-Position = Union[int, str, Substring, Placeholder, CharSpan, Span]
-Positions = Union[Position, list[Position]]
-"""One position, or a list of them: a list patches several tokens (see `Probe`)."""
-Mapping = Callable[["torch.Tensor"], "torch.Tensor"]
-
-MAX_STRENGTH = 1000.0
-"""Largest |strength| accepted: a sanity bound, far beyond interpolation (0..1) and any steering
-strength in use, that keeps (1 - s) * h + s * f(h) from overflowing into inf/NaN text."""
-
-
-def finite_real(value: Any) -> float | None:
-    """`value` as a float if it is a finite real number (bools are not), else None."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:  # an int beyond float range, e.g. 10**400
-        return None
-    return number if math.isfinite(number) else None
-
-
-def describe_position(position: Positions) -> str:
-    if isinstance(position, list):
-        return "[" + ", ".join(describe_position(p) for p in position) + "]"
-    if isinstance(position, Span):
-        return f"({position.start}, {position.end})" + ("" if position.token == "last" else f"[{position.token}]")
-    if isinstance(position, Substring):
-        return f"{position.text!r}[{position.token}]" + (f"#{position.occurrence}" if position.occurrence else "")
-    if isinstance(position, Placeholder):
-        return f"placeholder {position.text!r}"
-    return repr(position)
+    from pytest_patchscope.model.loading import PatchscopeModel
 
 
 def _token_table(prompt: str, offsets: list[tuple[int, int]]) -> str:
@@ -172,7 +116,7 @@ def _resolve_one(field_name: str, position: Position, prompt: str, model: "Patch
     if isinstance(position, (Substring, Placeholder)):
         if not isinstance(position.text, str):
             raise ProbeConfigError(f"{field_name}.text", position.text, "a string")
-        if isinstance(position.occurrence, bool) or not isinstance(position.occurrence, int):
+        if as_int(position.occurrence) is None:
             raise ProbeConfigError(f"{field_name}.occurrence", position.occurrence, "an int (0 = first, -1 = last)")
     if isinstance(position, Substring):
         span = _span_of_occurrence(field_name, prompt, position.text, position.occurrence)
@@ -194,180 +138,15 @@ def _resolve_one(field_name: str, position: Position, prompt: str, model: "Patch
             )
         return (matches[position.occurrence],)
     if isinstance(position, Span):
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (position.start, position.end)):
+        if as_int(position.start) is None or as_int(position.end) is None:
             raise ProbeConfigError(field_name, position, "a Span of int character offsets")
         return _resolve_span(field_name, prompt, offsets, (position.start, position.end), position.token, position)
-    if isinstance(position, tuple) and len(position) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in position):
+    if isinstance(position, tuple) and len(position) == 2 and all(as_int(v) is not None for v in position):
         return _resolve_span(field_name, prompt, offsets, position, "last", position)
     raise ProbeConfigError(
         field_name, position,
         "an int, a substring, a Substring(...), a Placeholder(...), a (start, end) span, a Span(...) or a list of these",
     )
-
-
-@dataclass(frozen=True)
-class Probe:
-    """One Patchscopes probe, as the user wrote it (before resolution against a model).
-
-    `site` is the activation read at (S, i, l) and written at (T, i*, l*): see `sites.SITES`.
-    `units` limits the write to those indices of the site's first axis (residual dimensions, MLP
-    neurons or heads); None writes all. `target_position` may be a list: the source vector goes
-    to each of them (SelfIE); a `source_position` list of the same length patches pairwise.
-    """
-
-    source: str
-    target: str
-    layer: int
-    target_layer: int | None = None
-    source_position: Positions = -1
-    target_position: Positions = -1
-    mapping: Mapping | None = None
-    strength: float = 1.0
-    max_new_tokens: int = 20
-    stop: tuple[str, ...] = ()
-    preset: str | None = None
-    site: str = "resid_post"
-    units: tuple[int, ...] | None = None
-    source_model: Any = None
-    """None (S runs on the target's model), a loaded PatchscopeModel or Patchscope, or a model spec
-    (a checkpoint path, GGUF file or hub id) loaded once per process: the paper's M != M*."""
-    candidates: tuple[str, ...] = ()
-    """Answers to teacher-force after the patched (and the clean) target and score: see
-    `PatchResult.scores`. With candidates, max_new_tokens may be 0 (score only, generate nothing)."""
-    decoding: Decoding = GREEDY
-    """How the continuation is decoded: greedy (the default) or sampled, see `decoding.Decoding`."""
-
-    def __repr__(self) -> str:
-        """The probe as code, with the fields that differ from their defaults (for @example(...))."""
-        shown = [
-            f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
-            if f.name in ("source", "target", "layer") or getattr(self, f.name) != f.default
-        ]
-        return f"Probe({', '.join(shown)})"
-
-    def identity(self) -> dict[str, Any]:
-        """JSON-able identity of the probe without its layers (for baselines and reports).
-
-        Everything that changes what the probe computes is in it, so two different probes never
-        share a baseline key. A mapping without a stable identity (see `mapping_identity`) is
-        `None` here, with its display name under "unstable_mapping"; `record` refuses it. The
-        site and units appear only when they are not the defaults, so that a residual-stream
-        probe keeps the key it always had.
-        """
-        identity: dict[str, Any] = {
-            "source": self.source,
-            "source_position": describe_position(self.source_position),
-            "target": self.target,
-            "target_position": describe_position(self.target_position),
-            "mapping": mapping_identity(self.mapping),
-            "strength": float(self.strength),
-            "max_new_tokens": self.max_new_tokens,
-            "stop": list(self.stop),
-            "preset": self.preset,
-        }
-        if self.site != "resid_post":
-            identity["site"] = self.site
-        if self.units is not None:
-            identity["units"] = list(self.units)
-        if self.source_model is not None:
-            identity["source_model"] = describe_source_model(self.source_model)
-        if self.candidates:
-            identity["candidates"] = list(self.candidates)
-        if self.decoding != GREEDY:
-            identity["decoding"] = self.decoding.changed()
-        if identity["mapping"] is None:
-            identity["unstable_mapping"] = mapping_name(self.mapping)
-        return identity
-
-    def describe(self) -> str:
-        """(S, i, l) -> (T, i*, l*) on one line, for failure messages."""
-        target = self.preset or repr(self.target)
-        extra = ""
-        if self.site != "resid_post":
-            extra += f", site={self.site}"
-        if self.units is not None:
-            extra += f", units={describe_units(self.units)}"
-        if self.source_model is not None:
-            extra += f", M={describe_source_model(self.source_model)}"
-        if self.mapping is not None:
-            extra += f", f={mapping_name(self.mapping)}"
-        if self.strength != 1.0:
-            extra += f", strength={self.strength}"
-        if self.decoding != GREEDY:
-            extra += ", " + ", ".join(f"{name}={value!r}" for name, value in self.decoding.changed().items())
-        return (
-            f"(S={self.source!r}, i={describe_position(self.source_position)}, l={self.layer}) -> "
-            f"(T={target}, i*={describe_position(self.target_position)}, "
-            f"l*={self.layer if self.target_layer is None else self.target_layer}{extra})"
-        )
-
-
-def describe_units(units: Sequence[int]) -> str:
-    """Units for messages: [3] or [0, 1, 2, ... 63 units]."""
-    shown = list(units[:8])
-    return "[" + ", ".join(map(str, shown)) + (f", ... {len(units)} units" if len(units) > 8 else "") + "]"
-
-
-def mapping_name(mapping: Any) -> str:
-    """A short name of f for messages (not unique: see `mapping_identity` for keys)."""
-    if mapping is None:
-        return "identity"
-    return getattr(mapping, "name", None) or getattr(mapping, "__name__", None) or type(mapping).__name__
-
-
-def _stable_qualname(obj: Any) -> str | None:
-    """``module.qualname`` of a function or class defined at module level; None for lambdas and locals."""
-    qualname = getattr(obj, "__qualname__", None)
-    if not isinstance(qualname, str) or "<" in qualname:
-        return None
-    return f"{getattr(obj, '__module__', None) or '?'}.{qualname}"
-
-
-def _module_digest(module: "torch.nn.Module") -> str:
-    """sha256 of a module's state (names, dtypes, shapes and values), 16 hex digits."""
-    import hashlib
-
-    import torch
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        value = tensor.detach().cpu().contiguous().view(-1)
-        digest.update(f"{name}:{value.dtype}:{tuple(tensor.shape)}:".encode())
-        digest.update(value.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def mapping_identity(mapping: Any) -> str | None:
-    """A stable identity of f for baseline keys, or None when f has none.
-
-    - None: ``"identity"``.
-    - A ``torch.nn.Module`` (e.g. ``AffineMapping``): its name (its ``name`` attribute, else its
-      class) plus a hash of its weights, so two maps with one name but other weights differ.
-    - A callable with a string ``name`` attribute: that name (the user vouches for it).
-    - A function or callable object defined at module level: ``module.qualname``, plus the
-      object's own ``repr`` when its class defines one (a dataclass ``Scale(factor=2.0)``).
-    - Anything else (a lambda, a local function, a ``functools.partial``, an object with only the
-      default repr): None, because two different ones would look alike.
-    """
-    import torch
-
-    if mapping is None:
-        return "identity"
-    name = getattr(mapping, "name", None)
-    explicit = name if isinstance(name, str) and name else None
-    if isinstance(mapping, torch.nn.Module):
-        base = explicit or _stable_qualname(type(mapping))
-        return None if base is None else f"{base}#{_module_digest(mapping)}"
-    if explicit:
-        return explicit
-    if inspect.isroutine(mapping) or isinstance(mapping, type):
-        return _stable_qualname(mapping)
-    kind = type(mapping)
-    base = _stable_qualname(kind)
-    shown = repr(mapping)
-    if base is None or kind.__repr__ is object.__repr__ or " at 0x" in shown:
-        return None
-    return f"{base}:{shown}"
 
 
 @dataclass(frozen=True)
@@ -403,15 +182,6 @@ class ResolvedProbe:
         return min(self.target_indices)
 
 
-def _check_layer(field_name: str, layer: Any, n_layers: int) -> int:
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
-        raise ProbeConfigError(
-            field_name, layer, f"an int from 0 to {n_layers - 1} (the model has {n_layers} layers)",
-            "Negative layers are not accepted; use model.n_layers - 1 for the last layer.",
-        )
-    return layer
-
-
 def _check_prompt(field_name: str, prompt: Any, model: "PatchscopeModel") -> tuple[int, ...]:
     if not isinstance(prompt, str) or not prompt.strip():
         raise ProbeConfigError(field_name, prompt, "a non-empty string")
@@ -441,7 +211,7 @@ def _check_max_new_tokens(
 ) -> None:
     """max_new_tokens within the settings' bound and the room the position limit leaves after T
     (0 is allowed when the probe scores candidates: it then only scores)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if scoring else 1):
+    if as_int(value) is None or value < (0 if scoring else 1):
         if value == 0 and type(value) is int:
             raise ProbeConfigError("max_new_tokens", value, "an int >= 1", "max_new_tokens=0 (score only) needs candidates=[...].")
         raise ProbeConfigError("max_new_tokens", value, "an int >= 0 with candidates" if scoring else "an int >= 1")
@@ -472,8 +242,8 @@ def resolve_probe(probe: Probe, model: "PatchscopeModel", *, max_new_tokens_limi
     on_source = source_model or model
     source_ids = _check_prompt("source", probe.source, on_source)
     target_ids = _check_prompt("target", probe.target, model)
-    layer = _check_layer("layer", probe.layer, on_source.n_layers)
-    target_layer = layer if probe.target_layer is None else _check_layer("target_layer", probe.target_layer, model.n_layers)
+    layer = check_layer("layer", probe.layer, on_source.n_layers)
+    target_layer = layer if probe.target_layer is None else check_layer("target_layer", probe.target_layer, model.n_layers)
     candidate_ids = candidate_tokens(probe.candidates, probe.target, target_ids, model)
     _check_max_new_tokens(probe.max_new_tokens, target_ids, model, max_new_tokens_limit, scoring=bool(candidate_ids))
     longest = max((len(ids) for ids in candidate_ids), default=0)
@@ -568,31 +338,6 @@ def candidate_tokens(candidates: Any, target: str, target_ids: tuple[int, ...], 
     return tuple(seen)
 
 
-def describe_source_model(value: Any) -> str:
-    """A source model's name for identities and messages: its name and weights hash, or the spec."""
-    model = getattr(value, "model", value)  # a Patchscope holds its model
-    if hasattr(model, "weights_hash") and hasattr(model, "name"):
-        return f"{model.name}#{model.short_hash}" if model.weights_hash else str(model.name)
-    return str(value)
-
-
-def resolve_source_model(value: Any, device: str = "cpu") -> "PatchscopeModel":
-    """A probe's source_model as a loaded model: a PatchscopeModel, a Patchscope's, or a spec loaded
-    once per process on `device` (the target's)."""
-    import os
-
-    from .models import PatchscopeModel, load_cached
-
-    model = getattr(value, "model", value)
-    if isinstance(model, PatchscopeModel):
-        return model
-    if isinstance(value, (str, os.PathLike)):
-        return load_cached(value, device)
-    raise ProbeConfigError(
-        "source_model", value, "None, a PatchscopeModel, a Patchscope, or a model spec (checkpoint directory, GGUF file, hub id)"
-    )
-
-
 def check_units(field_name: str, units: Any, location: SiteLocation) -> tuple[int, ...] | None:
     """`units` as a sorted tuple of distinct indices into the site's first axis, or None for all."""
     if units is None:
@@ -606,7 +351,7 @@ def check_units(field_name: str, units: Any, location: SiteLocation) -> tuple[in
     if not values:
         raise ProbeConfigError(field_name, units, allowed, "An empty list would patch nothing; use strength=0 for a clean run.")
     for value in values:
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n:
+        if as_int(value) is None or not 0 <= value < n:
             raise ProbeConfigError(field_name, units, f"{allowed}; {value!r} is not")
     if len(set(values)) < len(values):
         duplicated = sorted({v for v in values if values.count(v) > 1})

@@ -1,7 +1,6 @@
 """Reporting: the session's probe outcomes as terminal lines, JSON, Markdown, heatmaps, JUnit properties.
 
-Consumes Comparisons and profiles made elsewhere (``baseline.py``) and never compares. A
-SessionSummary travels between xdist workers and the controller as a plain JSON-able dict.
+Consumes the SessionSummary (``summary.py``) and never compares.
 """
 
 from __future__ import annotations
@@ -12,116 +11,18 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
-from .baseline.comparator import Comparison, best_cells_by_layer
-from .baseline.render import hit_mark, side_by_side
-from .baseline.serializer import round_logprob
-from .errors import ReportError
-from .fileio import atomic_write
-from .profile import LayerCell, LocalizationProfile
+from pytest_patchscope.baseline.comparator import Comparison, best_cells_by_layer
+from pytest_patchscope.baseline.profile import LocalizationProfile
+from pytest_patchscope.baseline.render import hit_mark, side_by_side
+from pytest_patchscope.baseline.serializer import round_logprob
+from pytest_patchscope.errors import ReportError
+from pytest_patchscope.reports.summary import RECORDED, ProbeRecord, SessionSummary, counts_line, profile_facts, write_report_file
 
-RECORDED = "recorded"
-"""Status of a profile added without a comparison (no baseline was consulted)."""
-STATUS_ORDER = ("unchanged", "regressed", "improved", "new", "missing", RECORDED)
 REPORT_FORMAT = "pytest-patchscope-report"
 REPORT_VERSION = 2
-
-
-@dataclass(frozen=True)
-class ProbeRecord:
-    """One sweep's outcome in this session: its baseline key, test, worker, and comparison or profile."""
-
-    key: str
-    nodeid: str
-    worker: str
-    profile: LocalizationProfile
-    """The current profile."""
-    comparison: Comparison | None = None
-    test: str = ""
-    """The recording test as the baseline names it (``file::name``, file relative to the project root)."""
-
-    @property
-    def status(self) -> str:
-        return RECORDED if self.comparison is None else self.comparison.status
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "key": self.key,
-            "nodeid": self.nodeid,
-            "worker": self.worker,
-            "test": self.test,
-            "profile": None if self.comparison is not None else self.profile.to_dict(),
-            "comparison": None if self.comparison is None else self.comparison.to_dict(),
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ProbeRecord":
-        comparison = None if data.get("comparison") is None else Comparison.from_dict(data["comparison"])
-        profile = comparison.current if comparison else LocalizationProfile.from_dict(data["profile"])
-        return cls(
-            str(data["key"]), str(data["nodeid"]), str(data.get("worker", "")), profile, comparison, str(data.get("test", ""))
-        )
-
-
-class SessionSummary:
-    """Collects the session's probe records; merge worker payloads in any order, read them sorted."""
-
-    def __init__(self, records: Iterable[ProbeRecord] = ()) -> None:
-        self._records = list(records)
-        self.unused: list[str] = []
-        """Baseline entries that no probe of this session matched (set by the gate at the end)."""
-
-    def add(
-        self, key: str, outcome: Comparison | LocalizationProfile, nodeid: str, worker: str = "", test: str = ""
-    ) -> ProbeRecord:
-        """Record one sweep; ``worker`` is the xdist worker id (``""`` without xdist)."""
-        if isinstance(outcome, Comparison):
-            record = ProbeRecord(key, nodeid, worker, outcome.current, outcome, test)
-        else:
-            record = ProbeRecord(key, nodeid, worker, outcome, None, test)
-        self._records.append(record)
-        return record
-
-    def merge(self, other: "SessionSummary | Mapping[str, Any]") -> None:
-        """Add another summary's records, e.g. ``node.workeroutput[...]`` from an xdist worker."""
-        incoming = other if isinstance(other, SessionSummary) else SessionSummary.from_dict(other)
-        self._records.extend(incoming.records)
-
-    def added_since(self, count: int) -> list[ProbeRecord]:
-        """The records added after the first ``count`` ones, in the order they were added (for
-        attaching a test's new records to its report)."""
-        return self._records[count:]
-
-    @property
-    def records(self) -> list[ProbeRecord]:
-        """Sorted by key (then test, worker, status), so output does not depend on merge order."""
-        return sorted(self._records, key=lambda r: (r.key, r.nodeid, r.worker, r.status))
-
-    def counts(self) -> dict[str, int]:
-        counts = dict.fromkeys(STATUS_ORDER, 0)
-        for record in self._records:
-            counts[record.status] += 1
-        return counts
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able payload (no Path objects) for xdist's workeroutput."""
-        return {"records": [r.to_dict() for r in self.records]}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "SessionSummary":
-        return cls(ProbeRecord.from_dict(r) for r in data.get("records", []))
-
-
-# ---- terminal --------------------------------------------------------------------------
-def counts_line(summary: SessionSummary) -> str:
-    """``12 probes: 9 unchanged, 1 regressed, 1 improved, 1 new`` (zero counts left out)."""
-    counts = summary.counts()
-    total = sum(counts.values())
-    parts = [f"{n} {status}" for status, n in counts.items() if n]
-    return f"{total} probe{'s' if total != 1 else ''}" + (": " + ", ".join(parts) if parts else "")
 
 
 def hit_strip(record: ProbeRecord) -> list[str]:
@@ -171,67 +72,6 @@ def render_terminal_summary(summary: SessionSummary) -> list[str]:
     return lines
 
 
-# ---- JSON and Markdown ---------------------------------------------------------------------
-def _finite(value: Any) -> Any:
-    """``value`` with every non-finite float (a -inf log-probability) as None, so the JSON stays strict."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
-    return value
-
-
-def cell_dict(cell: LayerCell) -> dict[str, Any]:
-    """Every field of a LayerCell as plain JSON data (``LayerCell(**cell_dict(c)) == c`` for finite scores).
-
-    Scores are not rounded (the baseline file rounds them; a report is not diffed); a score that is
-    not finite is None.
-    """
-    return {name: _finite(value) for name, value in asdict(cell).items()}
-
-
-def sorted_cells(profile: LocalizationProfile) -> list[LayerCell]:
-    """The profile's cells in the order reports list them: by layer, target layer, then unit."""
-    return sorted(profile.cells, key=lambda c: (c.layer, c.target_layer, -1 if c.unit is None else c.unit))
-
-
-def profile_facts(profile: LocalizationProfile | None) -> dict[str, Any] | None:
-    """One side of a probe in a report: the summary figures, then everything needed to redraw its
-    heatmap (every cell, the clean continuation, the candidates and their clean scores)."""
-    if profile is None:
-        return None
-    peak = profile.peak_cell
-    return {
-        "model": profile.model,
-        "weights_hash": profile.weights_hash,
-        "dtype": profile.dtype,
-        "hit_layers": profile.hit_layers,
-        "first_hit": profile.first_hit,
-        "peak_layer": profile.peak_layer,
-        "peak_target_layer": None if peak is None else peak.target_layer,
-        "peak_logprob": None if peak is None else round_logprob(peak.logprob),
-        "grid": profile.grid,
-        "per_unit": profile.per_unit,
-        "expect": profile.expect,
-        "clean_text": profile.clean_text,
-        "candidates": list(profile.candidates),
-        "clean_candidate_logprobs": _finite(profile.clean_candidate_logprobs),
-        "cells": [cell_dict(c) for c in sorted_cells(profile)],
-    }
-
-
-def _write(path: str | os.PathLike[str], data: str | bytes) -> Path:
-    try:
-        atomic_write(path, data)
-    except OSError as exc:
-        raise ReportError(
-            f"cannot write report {path}: {exc}. Check that the directory is writable."
-        ) from exc
-    return Path(path)
-
-
 def write_json_report(path: str | os.PathLike[str], summary: SessionSummary) -> Path:
     """Machine-readable report for CI: counts, then per probe its status, reasons, hit layers, and each
     side's cells, so that a dashboard can redraw any heatmap from this file alone (see
@@ -266,7 +106,7 @@ def write_json_report(path: str | os.PathLike[str], summary: SessionSummary) -> 
         "probes": probes,
         "unused_baseline_entries": list(summary.unused),
     }
-    return _write(
+    return write_report_file(
         path, json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
     )
 
@@ -317,7 +157,7 @@ def write_markdown_report(path: str | os.PathLike[str], summary: SessionSummary)
     if summary.unused:
         lines += ["", f"### {_unused_count(summary)}", ""]
         lines += [f"- {_code(key)}" for key in summary.unused]
-    return _write(path, "\n".join(lines) + "\n")
+    return write_report_file(path, "\n".join(lines) + "\n")
 
 
 # ---- heatmaps ----------------------------------------------------------------------------
@@ -418,7 +258,7 @@ def write_heatmaps(directory: str | os.PathLike[str], summary: SessionSummary) -
         fig.suptitle(record.key, fontsize="small")
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=100)
-        written.append(_write(Path(directory) / heatmap_filename(record.key), buffer.getvalue()))
+        written.append(write_report_file(Path(directory) / heatmap_filename(record.key), buffer.getvalue()))
     return written
 
 
