@@ -1,7 +1,7 @@
 """Stable verdicts on the default model: candidate scores, seeded sampling, and the degeneration flag.
 
 Scores are continuous, so they do not flip when a patched model rambles; every figure asserted
-here was measured on SmolLM2-135M-Instruct (see README, "Scores, sampling and degeneration").
+here was measured on SmolLM2-135M-Instruct (see docs/scoring.md).
 """
 from pytest_patchscope import TOKEN_IDENTITY, Placeholder, assert_localized, assert_patched_prefers
 

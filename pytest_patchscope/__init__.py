@@ -35,6 +35,9 @@ if TYPE_CHECKING:
         LocalizationProfile as LocalizationProfile,
     )
     from pytest_patchscope.engine.results import (
+        MATCH_RULES as MATCH_RULES,
+    )
+    from pytest_patchscope.engine.results import (
         CandidateScore as CandidateScore,
     )
     from pytest_patchscope.engine.results import (
@@ -130,6 +133,7 @@ _EXPORTS = {
     "PatchscopeFixture": "plugin",
     "PatchResult": "engine.results",
     "CandidateScore": "engine.results",
+    "MATCH_RULES": "engine.results",
     "Sample": "engine.results",
     "Decoding": "probes.decoding",
     "Probe": "probes.probe",

@@ -9,25 +9,35 @@ import re
 from typing import Iterable
 
 from pytest_patchscope.baseline.profile import LocalizationProfile
-from pytest_patchscope.engine.results import PatchResult, contains, describe_failure
+from pytest_patchscope.engine.results import MATCH_RULES, PatchResult, contains, describe_failure, match_rule
 from pytest_patchscope.errors import ProbeConfigError
 from pytest_patchscope.validation import check_int, finite_real, layer_list
 
 
-def assert_patched_generation_contains(result: PatchResult, expected: str, *, case_sensitive: bool = False) -> None:
-    """The patched continuation contains `expected`."""
+def _how(rule: str) -> str:
+    """How a failure message names the match rule (the case-sensitive substring test needs no words)."""
+    return {"ignore_case": " (case-insensitive)", "case_sensitive": ""}.get(rule, f" (match={rule!r}: {MATCH_RULES[rule]})")
+
+
+def assert_patched_generation_contains(
+    result: PatchResult, expected: str, *, case_sensitive: bool = False, match: str | None = None
+) -> None:
+    """The patched continuation contains `expected` (under `match`, a rule of MATCH_RULES such as
+    "paper"; None: case_sensitive decides)."""
     __tracebackhide__ = True
-    if not contains(result.text, expected, case_sensitive):
-        how = "" if case_sensitive else " (case-insensitive)"
-        raise AssertionError(describe_failure(result, f"patched generation does not contain {expected!r}{how}"))
+    rule = match_rule(case_sensitive, match)
+    if not contains(result.text, expected, rule):
+        raise AssertionError(describe_failure(result, f"patched generation does not contain {expected!r}{_how(rule)}"))
 
 
-def assert_patched_generation_not_contains(result: PatchResult, unexpected: str, *, case_sensitive: bool = False) -> None:
+def assert_patched_generation_not_contains(
+    result: PatchResult, unexpected: str, *, case_sensitive: bool = False, match: str | None = None
+) -> None:
     """The patched continuation does not contain `unexpected` (a negative control)."""
     __tracebackhide__ = True
-    if contains(result.text, unexpected, case_sensitive):
-        how = "" if case_sensitive else " (case-insensitive)"
-        raise AssertionError(describe_failure(result, f"patched generation contains {unexpected!r}{how}, which it must not"))
+    rule = match_rule(case_sensitive, match)
+    if contains(result.text, unexpected, rule):
+        raise AssertionError(describe_failure(result, f"patched generation contains {unexpected!r}{_how(rule)}, which it must not"))
 
 
 def assert_patched_generation_matches(result: PatchResult, pattern: str | re.Pattern[str], *, flags: int = 0) -> None:

@@ -2,6 +2,7 @@
 
     patchscope-eval nexttoken --model default --n 1000 --out eval-out
     python -m pytest_patchscope.eval nexttoken --model ./my-checkpoint --text corpus.txt --layers 0-29
+    patchscope-eval attribute --data ../shared/data/patchscopes-attribute --out attribute-out   # §4.2: see `attribute`
 
 For (prompt, position) samples taken from real English text, and for every layer l, it measures
 how well h_l (the residual stream after block l, at the prompt's last token) predicts the model's own
@@ -44,12 +45,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
+from pytest_patchscope import attribute
 from pytest_patchscope.engine.runner import DEFAULT_BATCH_MEMORY_MB, run_probes
 from pytest_patchscope.errors import PatchscopeError, ProbeConfigError, ReportError
 from pytest_patchscope.model.sites import DEFAULT_SITE
 from pytest_patchscope.probes.presets import TOKEN_IDENTITY
 from pytest_patchscope.progress import ProgressLog, progress_label
-from pytest_patchscope.validation import as_int, check_int
+from pytest_patchscope.validation import check_int, describe_layers, parse_layers
 
 if TYPE_CHECKING:
     import torch
@@ -438,40 +440,6 @@ class NextTokenReport:
 # ============================================================================================
 # the evaluation
 # ============================================================================================
-def parse_layers(spec: str | Iterable[int] | None, n_layers: int) -> list[int]:
-    """'all', '0-29', '10,12,20-25', an int or an iterable of ints -> sorted, validated layers."""
-    allowed = f"'all', a list/range like '0-{n_layers - 1}' or '10,12,20-25', or layers from 0 to {n_layers - 1}"
-    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "all")):
-        return list(range(n_layers))
-    values: list[int] = []
-    if isinstance(spec, str):
-        for part in spec.split(","):
-            match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
-            if not match:
-                raise ProbeConfigError("layers", spec, allowed)
-            low, high = int(match.group(1)), int(match.group(2) or match.group(1))
-            values += list(range(low, high + 1))
-    else:
-        try:
-            values = [spec] if isinstance(spec, int) else list(spec)
-        except TypeError:
-            raise ProbeConfigError("layers", spec, allowed) from None
-    if not values or any(as_int(v) is None or not 0 <= v < n_layers for v in values):
-        raise ProbeConfigError("layers", spec, allowed)
-    return sorted(set(values))
-
-
-def describe_layers(layers: Sequence[int]) -> str:
-    """[0, 1, 2, 5, 7, 8] -> '0-2,5,7-8'."""
-    parts: list[list[int]] = []
-    for layer in sorted(layers):
-        if parts and parts[-1][1] == layer - 1:
-            parts[-1][1] = layer
-        else:
-            parts.append([layer, layer])
-    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in parts)
-
-
 def evaluate_nexttoken(
     scope: "Patchscope",
     documents: Sequence[str] | None = None,
@@ -759,7 +727,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     nt.add_argument("--no-plot", action="store_true", help="do not draw nexttoken.png")
     nt.add_argument("--no-progress", action="store_true", help="no live progress bar (it is drawn only when stderr is a terminal)")
+    attribute.add_parser(commands)
     return parser
+
+
+def _load_scope(args: argparse.Namespace, log: Log) -> "Patchscope":
+    """The model named by a subcommand's --model/--device/--batch-memory-mb/--no-progress."""
+    from pytest_patchscope.model.devices import detect_device, parse_device
+    from pytest_patchscope.scope import Patchscope
+
+    device = detect_device(parse_device(args.device, "--device"))
+    log(f"loading {args.model} on {device} ...")
+    return Patchscope.load(args.model, device=device, batch_memory_mb=args.batch_memory_mb, progress=False if args.no_progress else "auto")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -768,16 +747,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
+    if args.command == "attribute":
+        return attribute.main(args, lambda: _load_scope(args, log), log)
     try:
-        from pytest_patchscope.model.devices import detect_device, parse_device
-        from pytest_patchscope.scope import Patchscope
-
         documents = read_corpus(args.text) if args.text else None
         corpus_name = ", ".join(Path(p).name for p in args.text) if args.text else None
-        device = detect_device(parse_device(args.device, "--device"))
-        log(f"loading {args.model} on {device} ...")
-        scope = Patchscope.load(args.model, device=device, batch_memory_mb=args.batch_memory_mb,
-                                progress=False if args.no_progress else "auto")
+        scope = _load_scope(args, log)
         report = evaluate_nexttoken(
             scope, documents, n=args.n, n_train=args.n_train, layers=args.layers, seed=args.seed,
             min_tokens=args.min_tokens, max_tokens=args.max_tokens, corpus_name=corpus_name,

@@ -586,7 +586,7 @@ class FactRunner:
     def outcome(self, item: FactItem) -> Any:
         """The item's profile, result or error; at the first item of a batch, the whole batch runs."""
         __tracebackhide__ = True
-        if item.nodeid not in self.planned:
+        if item.nodeid not in self.outcomes:  # the first of its batch (or a rerun): run it with the others not yet run
             self._run_batch(item)
         return self.outcomes.pop(item.nodeid)
 

@@ -417,7 +417,7 @@ class Gate:
             ))
             for key, nodeids in _duplicate_keys(self.summary).items()
         ]
-        self.header_lines = self._checkpoint_lines()
+        self.header_lines = self._checkpoint_lines() + self._path_lines()
         lines: list[str] = []
         entries = {r.key: Entry(r.profile, r.test) for r in self.summary.records}
         if self.baseline is not None and self.compare_spec is None:
@@ -505,6 +505,14 @@ class Gate:
                 "logits are near-tied can flip between dtypes (README: Dtypes)"
             )
         return lines
+
+    def _path_lines(self) -> list[str]:
+        """Say when probes ran on the general path (the model's own forward and generate), not the packed engine."""
+        general = sum(1 for r in self.summary.records if r.profile.path != "packed")
+        if not general:
+            return []
+        return [f"engine path: general (the model's own forward and generate; its family is not one the packed engine "
+                f"runs) for {general} of {len(self.summary.records)} probes"]
 
     @functools.cached_property
     def baseline_text(self) -> str | None:

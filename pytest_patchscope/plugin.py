@@ -294,6 +294,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         dtype = load_dtype(source, session.dtype, session.setup.device)
     except PatchscopeError as exc:
         model = f"{spec or 'default'} — not loadable: {str(exc).splitlines()[0]}"
+    except Exception as exc:  # a header never ends the session: loading the model reports it in full
+        model = f"{spec or 'default'} — not loadable: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
     where = f"device map {session.device_map}" if session.device_map is not None else f"device {session.setup.device}"
     return [f"patchscope: model {model}, {where}, dtype {dtype}, max_new_tokens {session.max_new_tokens}"]
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from pytest_patchscope.baseline.profile import LayerCell, LocalizationProfile
-from pytest_patchscope.engine.results import PatchResult, contains, describe_failure
+from pytest_patchscope.engine.results import DEFAULT_MATCH, PatchResult, check_match, contains, describe_failure
 from pytest_patchscope.engine.runner import DEFAULT_BATCH_MEMORY_MB, DEFAULT_MAX_NEW_TOKENS_LIMIT, Engine, run_probes
 from pytest_patchscope.errors import ProbeConfigError, warn_at_caller
 from pytest_patchscope.model.loading import PatchscopeModel, load_model
@@ -21,7 +21,7 @@ from pytest_patchscope.probes.options import PatchOptions, decoding_of, keywords
 from pytest_patchscope.probes.presets import Preset
 from pytest_patchscope.probes.probe import Positions, Probe
 from pytest_patchscope.progress import ProgressCallback, ProgressSetting, resolve_progress
-from pytest_patchscope.validation import as_int, check_int, finite_real, layer_list
+from pytest_patchscope.validation import as_int, check_int, check_text, finite_real, layer_list
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -79,6 +79,8 @@ class ProbePlan:
     expect: str | None = None
     grid: bool = False
     per_unit: bool = False
+    match: str = DEFAULT_MATCH
+    """How a cell's text is judged a hit of `expect` (a rule of `engine.results.MATCH_RULES`)."""
 
 
 class Patchscope:
@@ -295,16 +297,18 @@ class Patchscope:
             raise AssertionError(f"{len(failures)} of {len(results)} probes fail the property; the first:\n{failures[0]}")
         return results
 
-    def expected_token_ids(self, expect: str) -> tuple[int, ...]:
+    def expected_token_ids(self, expect: str, match: str = DEFAULT_MATCH) -> tuple[int, ...]:
         """Candidate first tokens of an expected answer, one per spelling that the hit test accepts.
 
-        The hit test is case-insensitive, so "paris" must score like "Paris": the candidates are the
-        first (non-special) token of `expect` as written, lower(), upper(), capitalize() and title(),
-        each without and with a leading space, deduplicated. A sweep scores the best of them.
+        The default hit test is case-insensitive, so "paris" must score like "Paris": the candidates
+        are the first (non-special) token of `expect` as written, lower(), upper(), capitalize() and
+        title(), each without and with a leading space, deduplicated. Under a case-sensitive `match`
+        rule only `expect` as written counts. A sweep scores the best of them.
         """
         special = set(self.model.tokenizer.all_special_ids)
         candidates: dict[int, None] = {}
-        for variant in dict.fromkeys((expect, expect.lower(), expect.upper(), expect.capitalize(), expect.title())):
+        spellings = (expect,) if match != "ignore_case" else (expect, expect.lower(), expect.upper(), expect.capitalize(), expect.title())
+        for variant in dict.fromkeys(spellings):
             for text in (variant.lstrip(), " " + variant.lstrip()):
                 ids = [i for i in self.model.tokenize(text) if i not in special]
                 if ids:
@@ -324,6 +328,7 @@ class Patchscope:
         units: Sequence[int] | str | None = None,
         candidates: Sequence[str] | None = None,
         max_new_tokens: int | None = None,
+        match: str = DEFAULT_MATCH,
         **options: Unpack[PatchOptions],
     ) -> LocalizationProfile:
         """One probe per source layer (target_layers None/"same": l* = l, or the preset's rule),
@@ -336,11 +341,13 @@ class Patchscope:
         With `candidates`, every cell scores them (see `score`) and carries the margin of the
         expected one (`expect`, default the first candidate) over the best other; a cell is a hit
         when that margin is > 0, and its logprob/rank are the expected candidate's.
-        `max_new_tokens=0` then scores without generating. (`plan_sweep` then `run_sweeps` is the
-        same sweep, batched with others.)"""
+        `max_new_tokens=0` then scores without generating. Without candidates, a cell is a hit when
+        its text contains `expect` under `match` (see `engine.results.MATCH_RULES`: "ignore_case" by
+        default, "case_sensitive", or "paper" for the Patchscopes paper's space-insensitive,
+        case-sensitive rule). (`plan_sweep` then `run_sweeps` is the same sweep, batched with others.)"""
         plan = self.plan_sweep(
             source, target, layers=layers, target_layers=target_layers, expect=expect, clean=clean, units=units,
-            candidates=candidates, max_new_tokens=max_new_tokens, **options,
+            candidates=candidates, max_new_tokens=max_new_tokens, match=match, **options,
         )
         return self.run_sweeps([plan])[0]
 
@@ -357,6 +364,7 @@ class Patchscope:
         units: Sequence[int] | str | None = None,
         candidates: Sequence[str] | None = None,
         max_new_tokens: int | None = None,
+        match: str = DEFAULT_MATCH,
         **options: Unpack[PatchOptions],
     ) -> ProbePlan:
         """The probes of `sweep(...)` with these arguments, checked and built but not run.
@@ -364,14 +372,19 @@ class Patchscope:
         Plans of many sweeps run as one batched job with `run_sweeps` (or `run_plans`): a suite of
         sweeps then shares its passes over the model instead of paying for each on its own.
         """
-        if expect is not None and (not isinstance(expect, str) or not expect.strip()):
-            raise ProbeConfigError("expect", expect, "None or a non-empty string")
+        if expect is not None:
+            check_text("expect", expect, "None or a non-empty string")
         scored = _candidates_tuple(candidates)
         if scored and isinstance(scored, tuple):
             if expect is None:
                 expect = scored[0]
             elif expect not in scored:
                 raise ProbeConfigError("expect", expect, f"one of the candidates {list(scored)} (the answer whose margin is kept)")
+        check_match(match)
+        if scored and match != DEFAULT_MATCH:
+            raise ProbeConfigError(
+                "match", match, f"{DEFAULT_MATCH!r} (the default) in a sweep with candidates, whose hit is the expected candidate's margin > 0"
+            )
         if not isinstance(clean, bool):
             raise ProbeConfigError("clean", clean, "True or False")
         source_layers = layer_list("layers", layers, self.model.n_layers)
@@ -404,8 +417,8 @@ class Patchscope:
             for source_layer, t in pairs
             for unit in each
         ]
-        score_ids = self.expected_token_ids(expect) if expect is not None and not scored else ()
-        return ProbePlan(tuple(probes), score_ids, clean=clean, expect=expect, grid=grid, per_unit=units == "each")
+        score_ids = self.expected_token_ids(expect, match) if expect is not None and not scored else ()
+        return ProbePlan(tuple(probes), score_ids, clean=clean, expect=expect, grid=grid, per_unit=units == "each", match=match)
 
     def run_plans(self, plans: Sequence[ProbePlan]) -> list[list[PatchResult]]:
         """Every plan's probes as one batched, prefix-sharing job (one per `clean` setting used);
@@ -428,18 +441,20 @@ class Patchscope:
 
     def plan_profile(self, plan: ProbePlan, results: Sequence[PatchResult]) -> LocalizationProfile:
         """A sweep plan's results folded into its LocalizationProfile (see `profile_from_results`)."""
-        return self.profile_from_results(results, expect=plan.expect, grid=plan.grid, per_unit=plan.per_unit)
+        return self.profile_from_results(results, expect=plan.expect, grid=plan.grid, per_unit=plan.per_unit, match=plan.match)
 
     def profile_from_results(
-        self, results: Sequence[PatchResult], *, expect: str | None, grid: bool, per_unit: bool = False
+        self, results: Sequence[PatchResult], *, expect: str | None, grid: bool, per_unit: bool = False, match: str = DEFAULT_MATCH
     ) -> LocalizationProfile:
         """Fold sweep results into a LocalizationProfile.
 
         Without candidates, a cell's logprob/rank are those of the best-scoring first token of
         `expect` (see `expected_token_ids`: every case and leading-space variant the case-insensitive
-        hit test accepts), so "paris" and "Paris" score alike. With candidates they are the expected
-        candidate's, and the cell keeps its margin over the best other candidate.
+        hit test accepts), so "paris" and "Paris" score alike, and a cell is a hit when its text
+        contains `expect` under `match`. With candidates they are the expected candidate's, and the
+        cell keeps its margin over the best other candidate.
         """
+        check_match(match)
         cells = []
         for result in results:
             logprob: float | None
@@ -454,7 +469,7 @@ class Patchscope:
                 best = max(result.first_token_scores.values(), default=None, key=lambda s: s[0])
                 logprob, rank = (None, None) if best is None else best
                 margin = None
-                hit = None if expect is None else contains(result.text, expect, case_sensitive=False)
+                hit = None if expect is None else contains(result.text, expect, match)
             cells.append(
                 LayerCell(
                     layer=result.resolved.layer,
@@ -472,6 +487,8 @@ class Patchscope:
         identity = results[0].probe.identity()
         if per_unit:
             identity["units"] = "each"
+        if match != DEFAULT_MATCH and expect is not None:  # another question than the default's: another key
+            identity["match"] = match
         return LocalizationProfile(
             probe=identity,
             cells=tuple(cells),
@@ -486,6 +503,7 @@ class Patchscope:
                 "vocab_size": int(self.model.hf.config.vocab_size),
             },
             dtype=self.model.dtype,
+            path=self.model.path,
             candidates=tuple(results[0].probe.candidates),
             clean_candidate_logprobs=(
                 {c: round(s.logprob, 6) for c, s in clean.items()} if (clean := results[0].clean_scores) else None

@@ -6,6 +6,7 @@ built from a config: a RoPE Llama and an absolute-position GPT-2, to cover both 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -187,9 +188,22 @@ def plain_hf(default_model_dir):
 
 def active_hooks(model: PatchscopeModel) -> list[str]:
     """Bridge hook points and plain-twin modules that still carry a hook (must be none between probes)."""
-    bridge = [name for name, hp in model.bridge.hook_dict.items() if hp.fwd_hooks or hp.bwd_hooks]
+    hook_points = {} if model.bridge is None else model.bridge.hook_dict  # a general-path model has no bridge
+    bridge = [name for name, hp in hook_points.items() if hp.fwd_hooks or hp.bwd_hooks]
     twin = [f"plain.{name}" for name, m in model.plain.named_modules() if m._forward_hooks or m._forward_pre_hooks]
     return bridge + twin
+
+
+_REFERENCE_RUNS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+"""Per reference model: its clean continuations and source states, each computed once (a grid asks for
+the same clean target and the same source states many times)."""
+
+
+def _once(reference, key: tuple, compute: Any) -> Any:
+    runs = _REFERENCE_RUNS.setdefault(reference, {})
+    if key not in runs:
+        runs[key] = compute()
+    return runs[key]
 
 
 def expected(reference, result, eos: int = 2) -> tuple[list[int], list[int]]:
@@ -201,14 +215,19 @@ def expected(reference, result, eos: int = 2) -> tuple[list[int], list[int]]:
         reference, *args, reference_vectors(reference, rp), rp.probe.max_new_tokens,
         strength=rp.probe.strength, eos=eos, site=rp.location.site.name, units=rp.units,
     )
-    clean = ref.patched_generate(reference, *args, None, rp.probe.max_new_tokens, eos=eos)
-    return patched, clean
+    clean = _once(reference, ("clean", rp.target_ids, rp.probe.max_new_tokens, eos),
+                  lambda: ref.patched_generate(reference, *args, None, rp.probe.max_new_tokens, eos=eos))
+    return patched, list(clean)
 
 
 def reference_vectors(reference, rp):
     """The reference's source values for a resolved probe: one tensor, or a list of one per target token."""
     site = rp.location.site.name
-    vectors = [ref.source_state(reference, list(rp.source_ids), index, rp.layer, site) for index in rp.source_indices]
+    vectors = [
+        _once(reference, ("state", rp.source_ids, index, rp.layer, site),
+              lambda index=index: ref.source_state(reference, list(rp.source_ids), index, rp.layer, site))
+        for index in rp.source_indices
+    ]
     return vectors if len(vectors) > 1 else vectors[0]
 
 

@@ -1,4 +1,4 @@
-"""Tiny random models of every decoder family the engine supports, and of those it refuses.
+"""Tiny random models of every decoder family: the packed engine's, the general path's, and those refused.
 
 Each is a transformers config class with small sizes plus `from_config`: 3 layers, d_model 64,
 the default model's 49k vocabulary (so prompts tokenize realistically) and a sliding window of 8
@@ -92,15 +92,58 @@ SUPPORTED = [
     Family("falcon_alibi", "FalconConfig", "ALiBi folded into per-head masks; multi-query (Falcon-RW)", {"alibi": True}),
 ]
 
-REFUSED = [
-    Family("mamba", "MambaConfig", "state-space layers"),
-    Family("rwkv", "RwkvConfig", "recurrent layers"),
-    Family("jamba", "JambaConfig", "hybrid attention/Mamba layers"),
-    Family("mpt", "MptConfig", "ALiBi folded into boolean masks"),
-    Family("openai_gpt", "OpenAIGPTConfig", "blocks without a key/value cache"),
-    Family("gemma4_text", "Gemma4TextConfig", "per-layer head dimensions, key/value layers shared across layers", {"head_dim": 16}),
-    Family("qwen3_next", "Qwen3NextConfig", "hybrid linear/full attention layers"),
-    Family("llama4_text", "Llama4TextConfig", "chunked attention layers"),
-    Family("modernbert_decoder", "ModernBertDecoderConfig", "bidirectionally trained layers run causally"),
-    Family("bert", "BertConfig", "an encoder run as a decoder (BertLMHeadModel)", {"is_decoder": True}),
+SSM = dict(mamba_n_heads=4, mamba_d_head=32, mamba_n_groups=1, mamba_d_state=16, mamba_chunk_size=WINDOW, mamba_expand=2)
+"""Mamba-2 mixers of the hybrids: 4 heads of 32 (= 2 x d_model), scanned in chunks of 8 tokens."""
+
+GENERAL = [
+    Family("mamba", "MambaConfig", "state-space (Mamba) layers: no attention, no MLP", {"state_size": 8}),
+    Family("mamba2", "Mamba2Config", "state-space (Mamba-2) layers, scanned in 8-token chunks",
+           {"num_heads": 4, "head_dim": 32, "n_groups": 1, "state_size": 16, "chunk_size": WINDOW, "time_step_rank": 8}),
+    Family("falcon_mamba", "FalconMambaConfig", "state-space layers with normalised B, C and dt (FalconMamba)", {"state_size": 8}),
+    Family("jamba", "JambaConfig", "Mamba and attention layers; dense and mixture-of-experts MLPs",
+           {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1, "num_experts": 4,
+            "mamba_dt_rank": 8, **MOE}),
+    Family("bamba", "BambaConfig", "Mamba-2 and attention layers", {**SSM, "attn_layer_indices": [1]}),
+    Family("zamba2", "Zamba2Config", "Mamba-2 layers and hybrid layers that add a shared attention block",
+           {"layers_block_type": ["mamba", "hybrid", "mamba"], "n_mamba_heads": 4, "mamba_d_state": 16, "chunk_size": WINDOW,
+            "adapter_rank": 8}),
+    Family("falcon_h1", "FalconH1Config", "Mamba-2 beside attention in every layer; multipliers", {**SSM, "mamba_d_ssm": 128}),
+    Family("nemotron_h", "NemotronHConfig", "Mamba-2, attention, MLP and mixture-of-experts blocks",
+           {"layers_block_type": ["mamba", "attention", "mlp", "moe"], "mamba_num_heads": 4, "mamba_head_dim": 32, "n_groups": 1,
+            "ssm_state_size": 16, "chunk_size": WINDOW, "head_dim": 16, "n_routed_experts": 4, "moe_intermediate_size": 32,
+            "moe_shared_expert_intermediate_size": 32, **MOE}),
+    Family("granitemoehybrid", "GraniteMoeHybridConfig", "Mamba-2 and attention layers; experts beside a shared MLP",
+           {**SSM, "layer_types": ["mamba", "attention", "mamba"], "num_local_experts": 4, "shared_intermediate_size": 64, **MOE}),
+    Family("recurrent_gemma", "RecurrentGemmaConfig", "recurrent (RG-LRU) and local-attention layers (Griffin)",
+           {"lru_width": 64, "attention_window_size": WINDOW, "head_dim": 16, "num_key_value_heads": 1}),
+    Family("lfm2", "Lfm2Config", "short convolutions and attention layers", {"layer_types": ["conv", "full_attention", "conv"], "full_attn_idxs": [1]}),
+    Family("qwen3_next", "Qwen3NextConfig", "gated delta-net (linear attention) and gated attention layers; experts",
+           {"layer_types": ["linear_attention", "full_attention", "linear_attention"], "head_dim": 16, "linear_key_head_dim": 16,
+            "linear_value_head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 4, "num_experts": 4,
+            "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, **MOE}),
+    Family("qwen3_5_text", "Qwen3_5TextConfig", "gated delta-net (linear attention) and gated attention layers",
+           {"layer_types": ["linear_attention", "full_attention", "linear_attention"], "head_dim": 16, "linear_key_head_dim": 16,
+            "linear_value_head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 4}),
+    Family("gemma4_text", "Gemma4TextConfig", "sliding and global layers of other head sizes, shared key/value layers, per-layer inputs",
+           {"num_hidden_layers": 4, "layer_types": ["sliding_attention", "full_attention"] * 2, "num_kv_shared_layers": 2,
+            "head_dim": 16, "global_head_dim": 32, "sliding_window": WINDOW, "vocab_size_per_layer_input": 49152,
+            "hidden_size_per_layer_input": 8}),
+    Family("llama4_text", "Llama4TextConfig", "attention in 8-token chunks and global layers; dense and expert MLPs",
+           {"attention_chunk_size": WINDOW, "head_dim": 16, "num_local_experts": 4, "interleave_moe_layer_step": 2,
+            "intermediate_size_mlp": 128, "no_rope_layer_interval": 3, **MOE}),
+    Family("mpt", "MptConfig", "ALiBi in boolean masks; multi-head", {"d_model": 64, "n_heads": 4, "n_layers": 3, "expansion_ratio": 2, "max_seq_len": 512}),
+    Family("rwkv", "RwkvConfig", "recurrent (RWKV-4) time and channel mixing", {"attention_hidden_size": 64, "context_length": 512}),
+    Family("openai_gpt", "OpenAIGPTConfig", "learned absolute; blocks without a key/value cache (GPT-1)", {"n_positions": 512}),
+    Family("olmo_hybrid", "OlmoHybridConfig", "gated delta-net and post-norm attention layers",
+           {"layer_types": ["linear_attention", "full_attention", "linear_attention"], "linear_num_key_heads": 2,
+            "linear_num_value_heads": 2, "linear_key_head_dim": 16, "linear_value_head_dim": 32}),
 ]
+"""Families the packed engine cannot run exactly: they run on the general path (their own forward
+and generate). Each mixes its layer kinds within 3-4 layers, with windows and chunks of 8 tokens."""
+
+REFUSED = [
+    Family("bert", "BertConfig", "an encoder run as a decoder (BertLMHeadModel)", {"is_decoder": True}),
+    Family("roberta", "RobertaConfig", "an encoder run as a decoder (RobertaForCausalLM)", {"is_decoder": True}),
+    Family("bart", "BartConfig", "the decoder half of an encoder-decoder model (BartForCausalLM)"),
+]
+"""What neither path can run: a ModelLoadError at load time, naming the architecture and why."""

@@ -3,9 +3,11 @@
 It shares no code with pytest_patchscope: a fresh (unbridged) HF model, `register_forward_hook`
 on the decoder layers (or on the submodules named in SUBMODULES, written out here per family
 rather than read from TransformerLens as the engine does), the whole target prompt in one pass
-and `model.generate` for decoding, patching only the prompt pass (more than one token), as in the
-paper's official code. Sampling is `model.generate(do_sample=True)` after `torch.manual_seed`, with
-HF's own logits processors; candidates are scored by one full forward of target + candidate (no
+and `model.generate` for decoding, patching only the prompt pass (the hook's first call: the
+paper's official code tells it by its length, which a layer that keeps only the last token would
+defeat). It runs every family of tests/families.py, the state-space, recurrent and hybrid ones
+included (SUBMODULES names their sites, per layer where layers differ). Sampling is
+`model.generate(do_sample=True)` after `torch.manual_seed`, with HF's own logits processors; candidates are scored by one full forward of target + candidate (no
 cache at all), the patch written into the target's tokens.
 """
 from __future__ import annotations
@@ -26,9 +28,10 @@ def _hidden(output):
 
 
 def _llama_like(attn="self_attn", mlp="mlp", down="mlp.down_proj", o="self_attn.o_proj"):
-    sites = {"attn_out": (attn, "output"), "mlp_out": (mlp, "output"), "heads": (o, "input")}
-    if down is not None:
-        sites["neurons"] = (down, "input")
+    sites = {"mlp_out": (mlp, "output")}
+    for site, path, side in (("attn_out", attn, "output"), ("heads", o, "input"), ("neurons", down, "input")):
+        if path is not None:
+            sites[site] = (path, side)
     return sites
 
 
@@ -51,8 +54,51 @@ SUBMODULES = {
     "falcon": _llama_like(attn="self_attention", down="mlp.dense_4h_to_h", o="self_attention.dense"),
     # BLOOM's attention and MLP modules add the residual themselves: their projections' outputs are the sublayers'.
     "bloom": _llama_like(attn="self_attention.dense", mlp="mlp.dense_4h_to_h", down="mlp.dense_4h_to_h", o="self_attention.dense"),
+    # General-path families. Hybrids differ by layer: a site whose submodule a layer lacks is not in that layer.
+    **{t: {} for t in ("mamba", "mamba2", "falcon_mamba", "zamba2")},
+    **{t: _llama_like(mlp="feed_forward", down="feed_forward.down_proj") for t in ("jamba", "bamba", "falcon_h1", "llama4_text")},
+    "granitemoehybrid": {"attn_out": ("self_attn", "output"), "heads": ("self_attn.o_proj", "input")},
+    "lfm2": _llama_like(mlp="feed_forward", down="feed_forward.w2", o="self_attn.out_proj"),
+    "qwen3_next": _MOE,
+    "qwen3_5_text": _llama_like(),
+    "gemma4_text": _POST_NORMED,
+    "mpt": _llama_like(attn="attn", mlp="ffn", down="ffn.down_proj", o="attn.out_proj"),
+    "rwkv": {"attn_out": ("attention", "output"), "mlp_out": ("feed_forward", "output")},
+    "openai-gpt": _llama_like(attn="attn", down="mlp.c_proj", o="attn.c_proj"),
+    # Sites that depend on which token mixer (or MLP) a layer has, by that module's class.
+    "nemotron_h": lambda block: {
+        "NemotronHAttention": {"attn_out": ("mixer", "output"), "heads": ("mixer.o_proj", "input")},
+        "NemotronHMLP": {"mlp_out": ("mixer", "output"), "neurons": ("mixer.down_proj", "input")},
+        "NemotronHMoE": {"mlp_out": ("mixer", "output")},
+    }.get(type(block.mixer).__name__, {}),
+    "recurrent_gemma": lambda block: {
+        "mlp_out": ("mlp_block", "output"), "neurons": ("mlp_block.down_proj", "input"),
+        **({"attn_out": ("temporal_block", "output"), "heads": ("temporal_block.o_proj", "input")}
+           if "Attention" in type(block.temporal_block).__name__ else {}),
+    },
+    "olmo_hybrid": lambda block: _POST_NORMED if hasattr(block, "self_attn") else _llama_like(attn=None, o=None),
 }
-"""model_type -> {site: (submodule of the decoder layer, whether the site is its input or output)}."""
+"""model_type -> {site: (submodule of the decoder layer, whether the site is its input or output)}, or a
+function of the decoder layer giving that (families whose layers differ by their token mixer)."""
+
+
+def layer_sites(model, layer):
+    """The sites of decoder layer `layer`: the residual before and after it, and every site whose
+    submodule that layer has."""
+    block = decoder_layers(model)[layer]
+    found = {"resid_pre", "resid_post"}
+    for site, (path, _) in _sites_of(model, block).items():
+        try:
+            block.get_submodule(path)
+        except AttributeError:
+            continue
+        found.add(site)
+    return found
+
+
+def _sites_of(model, block):
+    spec = SUBMODULES[model.config.model_type]
+    return spec(block) if callable(spec) else spec
 
 
 def _n_heads(model):
@@ -66,7 +112,7 @@ def _hook(model, layer, site, edit):
     if site in ("resid_post", "resid_pre"):
         module, side = block, "output" if site == "resid_post" else "input"
     else:
-        path, side = SUBMODULES[model.config.model_type][site]
+        path, side = _sites_of(model, block)[site]
         module = block.get_submodule(path)
 
     def apply(value):
@@ -75,8 +121,8 @@ def _hook(model, layer, site, edit):
 
     if side == "output":
         def after(module, args, output):
-            if isinstance(output, tuple):
-                return (apply(output[0]), *output[1:])
+            if isinstance(output, (tuple, list)):  # GPT-1's blocks return lists
+                return type(output)([apply(output[0]), *output[1:]])
             return apply(output)
 
         return module.register_forward_hook(after)
@@ -111,18 +157,26 @@ def source_state(model, source_ids, source_index, layer, site="resid_post"):
     return store["h"]
 
 
-def _patch_hook(model, target_index, target_layer, vector, strength, site, units):
+def _patch_hook(model, target_index, target_layer, vector, strength, site, units, prompt_length):
     """The hook writing `vector` at the target's `target_index` (a list: pairwise or one for all)
-    in passes of more than one token; None when vector is None (a clean run)."""
+    in the prompt pass (the hook's first call, over the `prompt_length` tokens given), and in any
+    later pass that computes the prompt again (no cache); None when vector is None (a clean run).
+    A layer that computes only the prompt's last tokens (Gemma 4's layers that share keys/values,
+    under generate) is handed those: indices count from the end."""
     if vector is None:
         return None
     indices = list(target_index) if isinstance(target_index, (list, tuple)) else [target_index]
     vectors = list(vector) if isinstance(vector, (list, tuple)) else [vector] * len(indices)
+    calls = []
 
     def write(flat):
-        if flat.shape[0] > 1:  # the prompt pass (decoding steps see one token)
+        calls.append(flat.shape[0])
+        # The prompt pass; or a model without a cache (GPT-1), which computes the prompt again at every step.
+        if len(calls) == 1 or flat.shape[0] > prompt_length:
             shape = _shape(model, site, flat.shape[-1])
             for index, value in zip(indices, vectors):
+                if len(calls) == 1:
+                    index -= prompt_length - flat.shape[0]
                 clean = flat[index].clone().view(shape)
                 patched = clean + strength * (value.view(shape) - clean)
                 if units is not None:
@@ -149,7 +203,7 @@ def patched_generate(
     settings = {"do_sample": False, **generation}
     if settings["do_sample"]:
         settings = {"top_k": 0, "top_p": 1.0, "temperature": 1.0, **settings}  # HF's defaults would cut at top_k=50
-    handle = _patch_hook(model, target_index, target_layer, vector, strength, site, units)
+    handle = _patch_hook(model, target_index, target_layer, vector, strength, site, units, len(target_ids))
     try:
         with torch.no_grad():
             ids = torch.tensor([target_ids])
@@ -194,7 +248,7 @@ def candidate_logprobs(
     target + candidate, no cache, the patch written into the target's tokens. The first token's
     rank comes as a (low, high) band: the ranks it has if tokens within `tie` nats count either way
     (a random tiny model's near-flat distribution has ties at float precision)."""
-    handle = _patch_hook(model, target_index, target_layer, vector, strength, site, units)
+    handle = _patch_hook(model, target_index, target_layer, vector, strength, site, units, len(target_ids) + len(candidate_ids))
     try:
         with torch.no_grad():
             ids = torch.tensor([list(target_ids) + list(candidate_ids)])

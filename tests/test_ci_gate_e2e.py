@@ -1,9 +1,10 @@
 """The CI gate end to end on the real model: a checkpoint with one fact damaged on purpose.
 
 damage_checkpoint.py applies a ROME-style rank-one edit to the layer-0 MLP so that " France"
-reads like "banana". Run against the committed baseline of the clean default model, the
-example CI-gate suite must fail on exactly the France facts, naming the lost layers (and, for the
-candidate-scored sweep, the fallen margins), and pass on every untouched fact.
+reads like "banana". Run against the committed baseline of the clean default model (another
+checkpoint, so --patchscope-compare-checkpoint asks for the comparison), the example CI-gate suite
+must fail on exactly the France facts, naming the lost layers (and, for the candidate-scored sweep,
+the fallen margins), and pass on every untouched fact.
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ EXPECTED = [
     "*margin of 'Paris' over the best other candidate fell by up to * nats at 12 cells (> max_margin_drop=1.0)*",
     "*lost hits at layers 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11 (decodable nowhere now)*",
     "*lost hits at layers 23, 24, 25, 26, 27, 28, 29 (decodable nowhere now)*",
-    "the baseline comes from another checkpoint (SmolLM2-135M-Instruct @ *) than this run (damaged @ *)*",
+    "the baseline comes from another checkpoint (SmolLM2-135M-Instruct @ *) than this run (damaged @ *): compared anyway, "
+    "as --patchscope-compare-checkpoint asks*",
     "12 probes: 9 unchanged, 3 regressed",
 ]
 
@@ -54,7 +56,7 @@ def test_damaged_checkpoint_fails_exactly_the_damaged_facts(pytester, tmp_path, 
     monkeypatch.chdir(REPO)
     result = pytester.runpytest(
         "example_suites/ci_gate", f"--patchscope-model={damaged}", f"--patchscope-baseline={baseline}",
-        "-p", "no:cacheprovider", "-rf",
+        "--patchscope-compare-checkpoint", "-p", "no:cacheprovider", "-rf",
     )
     result.assert_outcomes(failed=3, passed=9)
     result.stdout.fnmatch_lines_random(EXPECTED)
@@ -67,7 +69,8 @@ def test_the_same_gate_with_two_word_options_from_another_directory(pytester, da
     before = (GATE / "baseline.json").read_bytes()
     monkeypatch.chdir(GATE)
     result = pytester.runpytest(
-        ".", "--patchscope-model", str(damaged), "--patchscope-baseline", "baseline.json", "-p", "no:cacheprovider", "-rf",
+        ".", "--patchscope-model", str(damaged), "--patchscope-baseline", "baseline.json", "--patchscope-compare-checkpoint",
+        "-p", "no:cacheprovider", "-rf",
     )
     result.assert_outcomes(failed=3, passed=9)
     result.stdout.fnmatch_lines_random(EXPECTED)

@@ -370,7 +370,11 @@ def test_engine_imports_no_pytest_and_the_plugin_no_torch():
 
     engine = "import sys, pytest_patchscope.scope, pytest_patchscope.engine, pytest_patchscope.eval; assert 'pytest' not in sys.modules"
     plugin = "import sys, pytest_patchscope.plugin; assert 'transformers' not in sys.modules and 'transformer_lens' not in sys.modules"
-    for code in (engine, plugin):
+    probes = (
+        "import sys, pytest_patchscope.probes.probe, pytest_patchscope.probes.decoding, pytest_patchscope.probes.presets, "
+        "pytest_patchscope.probes.options; assert 'torch' not in sys.modules"
+    )
+    for code in (engine, plugin, probes):
         subprocess.run([sys.executable, "-c", code], check=True)
 
 

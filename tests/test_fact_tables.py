@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -117,6 +116,7 @@ probes:
     target: "a b c d"
     target_position: [{span: [0, 1]}, 2, {substring: c, occurrence: 0}]
     layers: all
+    expect: Paris
     do_sample: true
     temperature: 0.7
     seed: 3
@@ -167,10 +167,7 @@ def test_a_single_probe_with_candidates_and_no_budget_scores_only():
 
 
 def test_yaml_merge_keys_work_and_the_merged_values_can_be_overridden():
-    text = "shared: &s {source: S, expect: E}\n" if False else ""
-    _, facts = load_table(
-        text + "target: T x\nlayers: [0]\nprobes:\n  - &base {id: a, source: S, expect: E}\n  - <<: *base\n    id: b\n    expect: F\n"
-    )
+    _, facts = load_table("target: T x\nlayers: [0]\nprobes:\n  - &base {id: a, source: S, expect: E}\n  - <<: *base\n    id: b\n    expect: F\n")
     assert [(f.id, f.call["expect"]) for f in facts] == [("a", "E"), ("b", "F")]
 
 
@@ -179,7 +176,7 @@ BAD = [
     ("    expect_: x\n", 8, "Did you mean expect?"),
     ("    min_hits: 0\n", 8, "min_hits=0 is not valid: an int >= 1"),
     ("    layers: [0, -1]\n", 8, "layers[1]=-1 is not valid: an int >= 0"),
-    ("    target_position: {placeholder: x, ocurrence: 1}\n", 8, "target_position.ocurrence=1 is not valid: a key of a placeholder position. Did you mean occurrence?"),
+    ("    target_position: {placeholder: x, ocurrence: 1}\n", 8, "target_position.ocurrence=1 is not valid: a key of a placeholder position. Did you mean occ"),
     ("    target_position:\n      substring: x\n      token: middle\n", 10, "target_position.token='middle' is not valid: last, first or all"),
     ("    temperature: 0.5\n", 8, "probe 'France': temperature=0.5 is not valid: 1.0 with greedy decoding"),
     ("    decoding: {do_sample: true, temprature: 0.5}\n", 8, "decoding.temprature=0.5 is not valid: a key of decoding settings. Did you mean temperature?"),
@@ -189,7 +186,8 @@ BAD = [
     ("    preset: token_identiy\n", 8, "Did you mean token_identity?"),
     ("    units: 3\n", 8, "units=3 is not valid"),
     ("    candidates: [Paris, Lyon]\n    prefers: Nice\n", 9, "prefers='Nice' is not one of the candidates ['Paris', 'Lyon']"),
-    ("    layer: 3\n", 8, "probe 'France': layer does not apply to a sweep (layers: ...)"),
+    ("    target_layer: 3\n", 8, "probe 'France': target_layer does not apply to a sweep (layers: ...)"),
+    ("    layer: 3\n    layers: [1]\n", 9, "probe 'France': give layers (a sweep) or layer (one probe), not both"),
     ("    source: Again\n", 8, "the key 'source' appears twice in this mapping (first on line 6)"),
     ("    model: other\n", 8, "model is a key of the file, not of a probe"),
     ("  - id: France\n    source: X\n    expect: Y\n", 8, "the id 'France' is used twice (first on line 5)"),
@@ -245,9 +243,9 @@ def test_all_selected_probes_run_as_one_job_and_each_item_reports_its_own_verdic
     pytester.makefile(".patchscope.yaml", second=tiny_table(tiny_answers))
     result = run(pytester, tiny_llama_dir, "-p", "no:cacheprovider", "-rA")
     result.assert_outcomes(passed=6, failed=1)
-    result.stdout.fnmatch_lines(["FAILED first.patchscope.yaml::Italy - 'zzqx' decoded at 0 of layers [0, 1, 2, 3]*"])
+    result.stdout.fnmatch_lines(["FAILED first.patchscope.yaml::Italy - 'zzqx' decoded at 0 of layers*"])
     # The failure text is assert_localized's: the expectation, the hit layers and the sweep's table.
-    result.stdout.fnmatch_lines(["'zzqx' decoded at 0 of layers [0, 1, 2, 3] (hits at []), expected at least 1",
+    result.stdout.fnmatch_lines(["'zzqx' decoded at 0 of layers ?0, 1, 2, 3? (hits at ??), expected at least 1",
                                  "  all hit layers: [], peak layer: *", "*l  l* hit  logprob   rank  text*"])
     (job,) = jobs(pytester)  # both files (one model) in one job: 3 sweeps x 4 layers each, and the single probe
     assert len(job["probes"]) == 2 * 3 * 4 + 1
@@ -274,7 +272,7 @@ def test_a_probe_invalid_for_the_model_fails_its_own_item_and_the_others_still_r
     result = run(pytester, tiny_llama_dir, "-p", "no:cacheprovider")
     result.assert_outcomes(passed=3, failed=2)
     result.stdout.fnmatch_lines([
-        "facts.patchscope.yaml:17: probe 'deep': layers=[0, 99] is not valid: an int, a range or a list of ints from 0 to 3 "
+        "facts.patchscope.yaml:17: probe 'deep': layers=?0, 99? is not valid: an int, a range or a list of ints from 0 to 3 "
         "(the model has 4 layers); 99 is not.*",
         "facts.patchscope.yaml:2: probe 'no-placeholder': target_position='x' is not valid: a placeholder that is a whole token*",
     ])
@@ -298,6 +296,17 @@ def test_table_sweeps_are_recorded_in_the_gate_under_stable_keys(pytester, tiny_
                                 f"--patchscope-baseline={baseline}", str(pytester.path / "tables"))
     second.assert_outcomes(passed=3)
     second.stdout.fnmatch_lines(["3 probes: 3 unchanged"])
+
+
+def test_with_a_reference_model_each_table_sweep_is_compared_with_its_run_there(pytester, tiny_llama_dir, damaged_dir, tiny_answers):
+    pytester.makeconftest(JOB_LOG_CONFTEST)
+    pytester.makefile(".patchscope.yaml", facts=tiny_table(tiny_answers))
+    same = run(pytester, tiny_llama_dir, "-p", "no:cacheprovider", f"--patchscope-compare-model={tiny_llama_dir}")
+    same.assert_outcomes(passed=3)
+    same.stdout.fnmatch_lines([f"reference model: {tiny_llama_dir}", "3 probes: 3 unchanged"])
+    assert [len(job["probes"]) for job in jobs(pytester)] == [3 * 4, 3 * 4]  # one job on each model
+    other = run(pytester, damaged_dir, "-p", "no:cacheprovider", f"--patchscope-compare-model={tiny_llama_dir}")
+    other.stdout.fnmatch_lines([f"reference model: {tiny_llama_dir}", "3 probes: *regressed*"])
 
 
 def test_xdist_loadfile_runs_each_file_as_one_job_on_one_worker(pytester, tiny_llama_dir, tiny_answers, monkeypatch):
@@ -337,25 +346,13 @@ def test_Japan_scored(patchscope):
     result = patchscope.score("Japan", TARGET, ["Tokyo", "Osaka"], layer=0, target_position=Placeholder("x"))
     assert_patched_prefers(result, "Tokyo", margin=0.5)
 '''
-EQUIVALENT_TABLE = textwrap.dedent("""\
-    target: "The capital city of x is"
-    target_position: {placeholder: x}
-    layers: [0, 1, 2, 3, 4, 5]
-    min_hits: 1
-    max_new_tokens: 8
-    probes:
-""") + "".join(f"  - id: {country}\n    source: {country}\n    expect: {capital}\n" for country, capital in FACTS) + textwrap.dedent("""\
-      - id: Spain_at_0
-        source: Spain
-        layer: 0
-        expect: Madrid
-      - id: Japan_scored
-        source: Japan
-        layer: 0
-        candidates: [Tokyo, Osaka]
-        margin: 0.5
-        max_new_tokens: 0
-""").replace("\n  ", "\n  ", 1)
+EQUIVALENT_TABLE = (
+    'target: "The capital city of x is"\ntarget_position: {placeholder: x}\nlayers: [0, 1, 2, 3, 4, 5]\nmin_hits: 1\n'
+    "max_new_tokens: 8\nprobes:\n"
+    + "".join(f"  - id: {country}\n    source: {country}\n    expect: {capital}\n" for country, capital in FACTS)
+    + "  - id: Spain_at_0\n    source: Spain\n    layer: 0\n    expect: Madrid\n"
+    + "  - id: Japan_scored\n    source: Japan\n    layer: 0\n    candidates: [Tokyo, Osaka]\n    margin: 0.5\n    max_new_tokens: 0\n"
+)
 NUMBER = re.compile(r"-?\d+\.\d+")
 
 

@@ -1,33 +1,40 @@
-"""Every supported decoder family, token for token against the plain-HF reference (tests/hf_reference.py).
+"""Every decoder family, token for token against the plain-HF reference (tests/hf_reference.py).
 
-Tiny random models (tests/families.py) with prompts longer than their sliding windows: single
-probes, a batch of mixed probes, a layer sweep, an l x l* grid, every site, and candidate scores
-with sampled and repetition-controlled decoding. The reference runs on an
-independent copy of each model: HF's own masks, caches and `generate`, nothing of the engine.
-Families the engine cannot run exactly must be refused at load time with a ModelLoadError.
-benchmarks/coverage_table.py turns these results into README's coverage table.
+Tiny random models (tests/families.py) with prompts longer than their sliding windows and chunks:
+single probes, a batch of mixed probes, a layer sweep, an l x l* grid, every site, and candidate
+scores with sampled and repetition-controlled decoding. The reference runs on an independent copy
+of each model: HF's own masks, caches and `generate`, nothing of the engine. The packed engine's
+families (SUPPORTED) and the general path's (GENERAL: state-space, recurrent, hybrid, chunked, ...)
+run the same checks; what neither path can run must be refused at load time with a ModelLoadError.
+tools/coverage_table.py turns these results into the coverage table of docs/architectures.md.
 """
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 
 from pytest_patchscope import Decoding, Probe
+from pytest_patchscope.engine.resolve import resolve_probe
 from pytest_patchscope.errors import ModelLoadError
 from pytest_patchscope.model.backend import VERIFIED_FAMILIES
+from pytest_patchscope.model.layers import GENERAL_FAMILIES, PADDED_BATCHES, UNBATCHED, last_token_layers
 from pytest_patchscope.model.loading import from_hf
 from pytest_patchscope.scope import Patchscope
 
 import hf_reference as ref
 from conftest import active_hooks, expected, expected_samples, expected_scores
-from families import REFUSED, SUPPORTED, WINDOW
+from families import GENERAL, REFUSED, SUPPORTED, WINDOW
 
 LONG = "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat by the door"
 NEW_TOKENS = 12
 
 
-@pytest.fixture(scope="module", params=SUPPORTED, ids=lambda f: f.name)
+GENERAL_NAMES = {f.name for f in GENERAL}
+
+
+@pytest.fixture(scope="module", params=SUPPORTED + GENERAL, ids=lambda f: f.name)
 def family(request, tokenizer):
     """(engine scope, independent reference copy) of one family's tiny model."""
     hf = request.param.build()
@@ -35,6 +42,26 @@ def family(request, tokenizer):
     scope = Patchscope(from_hf(hf, tokenizer, name=f"tiny-{request.param.name}"))
     scope.model.bridge_hooks_at_load = active_hooks(scope.model)  # some adapters (OPT) keep hooks of their own
     return scope, reference
+
+
+@pytest.fixture(autouse=True)
+def _record_path(request):
+    """Each family test's JUnit record names the path its model ran on (tools/coverage_table.py reads it)."""
+    if "family" in request.fixturenames:
+        scope, _ = request.getfixturevalue("family")
+        request.node.user_properties.append(("path", scope.model.path))
+
+
+def test_the_path_is_chosen_at_load(family):
+    """The packed engine's families load on it; the others on the general path, and say so."""
+    scope, _ = family
+    name = scope.model.name.removeprefix("tiny-")
+    assert scope.model.path == ("general" if name in GENERAL_NAMES else "packed")
+    result = scope.run([Probe("Tokyo", "Short x", layer=0, max_new_tokens=2)])[0]
+    assert result.path == scope.model.path
+    assert ("path='general'" in repr(scope.model)) == (scope.model.path == "general")
+    if scope.model.path == "general":
+        assert scope.model.bridge is None and scope.model.path_reason and "path:    general" in str(result)
 
 
 def probes(n_layers: int) -> list[Probe]:
@@ -67,11 +94,16 @@ def test_a_batch_of_mixed_probes(family):
     assert any(r.tokens != r.clean_tokens for r in results), "no probe changed the generation: the check proves little"
 
 
+def resolved(scope, probe):
+    """What `expected` needs of a result (its resolved probe), without running the probe."""
+    return SimpleNamespace(resolved=resolve_probe(probe, scope.model))
+
+
 def test_a_layer_sweep(family):
     scope, reference = family
     profile = scope.sweep(LONG, "Short x", layers=range(scope.model.n_layers), max_new_tokens=NEW_TOKENS)
     for cell in profile.cells:
-        rp = scope.run([scope.probe(LONG, "Short x", layer=cell.layer, max_new_tokens=NEW_TOKENS)])[0]
+        rp = resolved(scope, scope.probe(LONG, "Short x", layer=cell.layer, max_new_tokens=NEW_TOKENS))
         assert cell.text == scope.model.decode(expected(reference, rp)[0]), cell.layer
 
 
@@ -82,37 +114,63 @@ def test_an_l_by_l_star_grid(family):
     profile = scope.sweep("Tokyo", target, layers=layers, target_layers=layers, max_new_tokens=NEW_TOKENS)
     assert len(profile.cells) == len(layers) ** 2
     for cell in profile.cells:
-        rp = scope.run([scope.probe("Tokyo", target, layer=cell.layer, target_layer=cell.target_layer, max_new_tokens=NEW_TOKENS)])[0]
+        rp = resolved(scope, scope.probe("Tokyo", target, layer=cell.layer, target_layer=cell.target_layer, max_new_tokens=NEW_TOKENS))
         assert cell.text == scope.model.decode(expected(reference, rp)[0]), (cell.layer, cell.target_layer)
 
 
-def site_probes(site: str, n_layers: int) -> list[Probe]:
+def site_probes(site: str, sources: list[int], targets: list[int]) -> list[Probe]:
     """l = l*, l > l* with units and strength < 1, pairwise several positions with l < l*, and an
     amplified patch on every target token (strength 30): the MLP outputs of some tiny random models
     (Gemma's scaled embeddings, a mixture of experts, BLOOM) are too small next to their residual
-    stream to change the text otherwise, and a check whose patch changes nothing proves little."""
-    last = n_layers - 1
+    stream to change the text otherwise, and a check whose patch changes nothing proves little.
+    `sources` / `targets` are the layers that have the site (and, for targets, can be patched there)."""
+    second, source_second = targets[min(1, len(targets) - 1)], sources[min(1, len(sources) - 1)]
     return [
-        Probe(LONG, "Short x", layer=1, target_layer=1, site=site, max_new_tokens=NEW_TOKENS),
-        Probe("Tokyo", "Short x", layer=1, target_layer=1, site=site, target_position=[0, 1], strength=30.0, max_new_tokens=NEW_TOKENS),
-        Probe("Tokyo", LONG + " x", layer=last, target_layer=0, site=site, strength=0.5, units=(0, 1), max_new_tokens=NEW_TOKENS),
-        Probe(LONG, LONG, layer=0, target_layer=last, site=site, source_position=[3, 4], target_position=[5, 6], max_new_tokens=NEW_TOKENS),
+        Probe(LONG, "Short x", layer=source_second, target_layer=second, site=site, max_new_tokens=NEW_TOKENS),
+        Probe("Tokyo", "Short x", layer=source_second, target_layer=second, site=site, target_position=[0, 1], strength=30.0,
+              max_new_tokens=NEW_TOKENS),
+        Probe("Tokyo", LONG + " x", layer=sources[-1], target_layer=targets[0], site=site, strength=0.5, units=(0, 1), max_new_tokens=NEW_TOKENS),
+        Probe(LONG, LONG, layer=sources[0], target_layer=targets[-1], site=site, source_position=[3, 4], target_position=[5, 6],
+              max_new_tokens=NEW_TOKENS),
     ]
+
+
+def _site_layers(scope, reference) -> dict[str, tuple[list[int], list[int]]]:
+    """Each site's (source layers, target layers) for site_probes: every layer on the packed path;
+    on the general path the layers that have it (the reference's own list, per layer, must agree
+    with the engine's), of one shape (Gemma 4's heads differ by layer), and as targets only layers
+    whose prompt pass computes every token."""
+    from pytest_patchscope.model.sites import available_sites, locate_site
+
+    model = scope.model
+    everything = list(range(model.n_layers))
+    if model.path == "packed":
+        sites = available_sites(model)
+        assert set(sites) == {"resid_post", "resid_pre", *ref.SUBMODULES[reference.config.model_type]}
+        return {site: (everything, everything) for site in sites}
+    by_layer = [set(available_sites(model, layer=j)) for j in everything]
+    assert by_layer == [ref.layer_sites(reference, j) for j in everything]
+    full = last_token_layers(model.hf.config) or model.n_layers
+    found = {}
+    for site in sorted(set().union(*by_layer)):
+        having = [j for j in everything if site in by_layer[j]]
+        targets = [j for j in having if j < full]
+        shape = locate_site(model, site, targets[0]).shape
+        found[site] = ([j for j in having if locate_site(model, site, j).shape == shape], [j for j in targets if locate_site(model, site, j).shape == shape])
+    return found
 
 
 def test_every_site(family):
     """Each site the family has (attention and MLP outputs, neurons, heads, the residual before and
-    after the block), batched, against hooks on the submodules that tests/hf_reference.py names."""
-    from pytest_patchscope.model.sites import available_sites
-
+    after the block), batched, against hooks on the submodules that tests/hf_reference.py names
+    (per layer for a hybrid, whose layers differ)."""
     scope, reference = family
-    sites = available_sites(scope.model)
-    assert set(sites) == {"resid_post", "resid_pre", *ref.SUBMODULES[reference.config.model_type]}
-    results = scope.run([probe for site in sites for probe in site_probes(site, scope.model.n_layers)])
+    layers = _site_layers(scope, reference)
+    results = scope.run([probe for site, (sources, targets) in layers.items() for probe in site_probes(site, sources, targets)])
     for result in results:
         assert (list(result.tokens), list(result.clean_tokens)) == expected(reference, result), result.probe.describe()
     changed = {r.probe.site for r in results if r.tokens != r.clean_tokens}
-    assert changed == set(sites), f"no probe changed the generation at {set(sites) - changed}: the check proves little there"
+    assert changed == set(layers), f"no probe changed the generation at {set(layers) - changed}: the check proves little there"
     assert active_hooks(scope.model) == scope.model.bridge_hooks_at_load
 
 
@@ -144,11 +202,20 @@ def test_scores_and_decoding(family):
 
 @pytest.mark.parametrize("refused", REFUSED, ids=lambda f: f.name)
 def test_unsupported_families_are_refused_at_load_time(refused, tokenizer):
+    """Encoders and the decoder halves of encoder-decoder models: neither path can run them."""
     hf = refused.build()
     with pytest.raises(ModelLoadError) as info:
         from_hf(hf, tokenizer, name=f"tiny-{refused.name}")
     message = str(info.value)
-    assert f"architecture={hf.config.model_type!r}" in message and "llama, mistral" in message
+    assert f"architecture={hf.config.model_type!r} ({type(hf).__name__}) cannot be probed: it is " in message
+    assert "Allowed: a decoder-only causal language model" in message
+
+
+def test_a_model_without_a_language_model_head_is_refused(tokenizer):
+    from transformers import LlamaConfig, LlamaModel
+
+    with pytest.raises(ModelLoadError, match=r"architecture='llama' \(LlamaModel\) cannot be probed: it is no language-model head"):
+        from_hf(LlamaModel(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)), tokenizer, name="base")
 
 
 def test_an_unverified_family_loads_with_a_warning(tokenizer):
@@ -176,8 +243,61 @@ def test_the_bridge_of_grouped_falcon_matches_hf(tokenizer):
 
 
 def test_every_verified_family_is_in_the_matrix():
-    """VERIFIED_FAMILIES (what the load-time message calls supported) is exactly what this file checks."""
+    """VERIFIED_FAMILIES and GENERAL_FAMILIES (what loads without a warning on each path) are exactly
+    what this file checks, and the families batched with padding are general-path ones."""
     import transformers
 
     built = {getattr(transformers, f.config_class)().model_type for f in SUPPORTED}
     assert built == set(VERIFIED_FAMILIES)
+    general = [getattr(transformers, f.config_class)().model_type for f in GENERAL]
+    assert sorted(general) == sorted(GENERAL_FAMILIES) and PADDED_BATCHES | UNBATCHED <= set(GENERAL_FAMILIES)
+
+
+@pytest.mark.parametrize(("name", "lengths"), [("rwkv", (6, 6)), ("recurrent_gemma", (6, 20))])
+def test_where_transformers_batches_are_not_exact(name, lengths):
+    """Why UNBATCHED and PADDED_BATCHES leave these out: transformers' own batched generate gives a
+    row other tokens than the row alone (RWKV even for two prompts of one length; RecurrentGemma's
+    recurrence runs through left padding). If this starts to fail, they batch exactly now."""
+    import torch
+
+    hf = next(f for f in GENERAL if f.name == name).build()
+    rows = [[1, *range(100 + 7 * k, 100 + 7 * k + n - 1)] for k, n in enumerate(lengths)]
+    width = max(lengths)
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    with torch.no_grad():
+        batched = hf.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)[:, width:].tolist()
+        alone = [hf.generate(torch.tensor([r]), max_new_tokens=6, do_sample=False, pad_token_id=0)[0, len(r):].tolist() for r in rows]
+    assert batched != alone
+    assert (name in UNBATCHED) == (lengths[0] == lengths[1]) and name not in PADDED_BATCHES
+
+
+def test_a_layer_that_computes_only_the_last_token_is_patched_there_only(tokenizer):
+    """Gemma 4's key/value-sharing layers keep only the prompt's last token under generate: a patch
+    at any other token there would never be read, so it is refused before anything runs."""
+    from pytest_patchscope.errors import ProbeConfigError
+
+    scope = Patchscope(from_hf(next(f for f in GENERAL if f.name == "gemma4_text").build(), tokenizer, name="tiny-gemma4"))
+    first = last_token_layers(scope.model.hf.config)
+    assert first == 2
+    with pytest.raises(ProbeConfigError, match=r"target_position=3 is not valid.*the target's last token .* at target_layer=2: from layer 2 on"):
+        scope.run([Probe("Tokyo", LONG, layer=0, target_layer=first, target_position=3, max_new_tokens=2)])
+    assert active_hooks(scope.model) == []
+
+
+def test_a_source_from_another_model_on_either_path(tokenizer):
+    """source_model across the paths (the paper's M != M*): a packed Llama's state into a Mamba, a
+    Mamba's into a Jamba, each against the reference (the source state from the source's own copy)."""
+    from conftest import tiny_hf_model
+
+    llama = tiny_hf_model("llama", len(tokenizer))
+    mamba, jamba = (next(f for f in GENERAL if f.name == name).build() for name in ("mamba", "jamba"))
+    references = {id(m): copy.deepcopy(m) for m in (llama, mamba, jamba)}
+    models = {id(m): from_hf(m, tokenizer, name=f"tiny-{k}") for k, m in enumerate((llama, mamba, jamba))}
+    for source, target in ((llama, mamba), (mamba, jamba)):
+        scope = Patchscope(models[id(target)])
+        result = scope.run([Probe(LONG, "Short x", layer=1, target_layer=2, source_model=models[id(source)], max_new_tokens=NEW_TOKENS)])[0]
+        rp = result.resolved
+        vector = ref.source_state(references[id(source)], list(rp.source_ids), rp.source_index, 1)
+        patched = ref.patched_generate(references[id(target)], list(rp.target_ids), list(rp.target_indices), 2, vector, NEW_TOKENS, eos=2)
+        assert list(result.tokens) == patched and result.tokens != result.clean_tokens and result.path == "general"

@@ -1,7 +1,7 @@
 """A Hypothesis fuzz of the public API on the tiny models: generate, score, sweep, run and the settings.
 
 Arguments come from wide strategies (huge and negative ints, NaN/inf/huge floats, bools, strings,
-None, tuples, odd Placeholder/Substring specs, lists of positions, every site and odd ones, units
+lone surrogates, numpy and torch arrays and scalars, empty lists, None, tuples, odd Placeholder/Substring specs, lists of positions, every site and odd ones, units
 out of range or repeated, mappings that return wrong shapes, dtypes, layouts or devices, or change
 their input in place, candidates that are empty, repeated or nothing but special tokens, and
 sampling settings out of range). Allowed outcomes: a result, or a ProbeConfigError
@@ -17,6 +17,7 @@ import warnings
 from fractions import Fraction
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -75,9 +76,16 @@ floats = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
     st.sampled_from([math.nan, math.inf, -math.inf, 1000.5, -1000.5, 3.5e38, 1e308, -1e308]),
 )
+surrogates = st.sampled_from(["\ud800", "Tokyo \udfff", "x \udbff\udc00 x"])
+"""Lone surrogates (what json.loads('"\\ud800"') gives): no tokenizer can encode them."""
+arrays = st.one_of(
+    st.builds(np.arange, st.integers(0, 5)), st.builds(torch.arange, st.integers(0, 5)), st.just(torch.tensor(5)),
+    st.just(np.int64(2)), st.just(np.array([0.5, 1.5])), st.just(np.array([True])), st.just(np.zeros((2, 2), dtype=int)),
+)
+"""numpy and torch values: integer ones count as the ints they hold, the others are refused like their lists."""
 junk = st.one_of(
     st.none(), st.booleans(), st.text(max_size=4), st.lists(st.integers(-2, 5), max_size=3),
-    st.tuples(st.integers(-2, 5)), st.just(b"x"), st.just({"a": 1}), st.just(object()),
+    st.tuples(st.integers(-2, 5)), st.just(b"x"), st.just({"a": 1}), st.just(object()), st.just([]), surrogates, arrays,
 )
 anything = st.one_of(ints, floats, junk)
 
@@ -85,7 +93,10 @@ PROMPTS = ["Tokyo", "The capital city of x is", "Short x", "cat -> cat\n?", "A m
 PRESETS = [TOKEN_IDENTITY, ENTITY_DESCRIPTION, LOGIT_LENS, attribute_extraction()]
 GOOD_MAPPINGS = ["none", "identity", "double_in_place", "negate", "zeros", "linear_module", "float16", "huge_but_finite"]
 words = st.sampled_from(["capital", "Toky", "Tokyo", "x", "", "city of", "q", "cit"])
-some_layers = st.one_of(st.integers(0, 3), st.lists(st.integers(0, 3), min_size=1, max_size=3), st.builds(range, st.integers(1, 4)))
+some_layers = st.one_of(
+    st.integers(0, 3), st.lists(st.integers(0, 3), min_size=1, max_size=3), st.builds(range, st.integers(1, 4)),
+    st.builds(np.arange, st.integers(1, 4)),
+)
 bad_layers = st.one_of(
     st.lists(st.integers(-2, 5), max_size=4), st.builds(range, st.integers(-2, 3), st.integers(0, 10**30)), st.just("same"), anything
 )
@@ -96,7 +107,7 @@ bad_budgets = st.one_of(st.integers(max_value=0), st.integers(min_value=255), st
 ARGUMENTS: dict[str, tuple[st.SearchStrategy, st.SearchStrategy]] = {
     "source": (
         st.one_of(st.sampled_from(PROMPTS), st.text(min_size=1, max_size=16)),
-        st.one_of(st.sampled_from(["", "   ", "word " * 300]), anything),
+        st.one_of(st.sampled_from(["", "   ", "word " * 300]), surrogates, anything),
     ),
     "layer": (st.integers(0, 3), st.one_of(st.integers(-2, 5), ints, floats, junk)),
     "target_layer": (st.one_of(st.none(), st.integers(0, 3)), st.one_of(st.integers(-2, 5), ints, floats, junk)),
@@ -124,7 +135,7 @@ ARGUMENTS: dict[str, tuple[st.SearchStrategy, st.SearchStrategy]] = {
     "clean": (st.booleans(), anything),
     "site": (st.sampled_from(list(SITES)), st.one_of(st.sampled_from(["mlp", "attn", "RESID_POST", ""]), anything)),
     "units": (
-        st.one_of(st.none(), st.lists(st.integers(0, 3), min_size=1, max_size=3, unique=True)),
+        st.one_of(st.none(), st.lists(st.integers(0, 3), min_size=1, max_size=3, unique=True), st.builds(torch.arange, st.integers(1, 4))),
         st.one_of(st.lists(st.integers(-2, 200), max_size=4), st.just("each"), anything),
     ),
 }

@@ -549,7 +549,7 @@ def test_under_xdist_the_controller_writes_the_same_page_and_rows_keep_their_ext
     gate_report(pytester, project, monkeypatch, f"--patchscope-report-html={inline_page}")
     page, rows = project / "xdist.html", project / "rows.html"
     result = pytester.runpytest_subprocess(
-        "-p", "no:cacheprovider", "-n", "2", f"--patchscope-baseline={project / 'baseline.json'}",
+        "-p", "no:cacheprovider", "-n", "2", f"--patchscope-baseline={project / 'baseline.json'}", "--patchscope-compare-checkpoint",
         f"--patchscope-report-html={page}", f"--html={rows}", "--self-contained-html", timeout=300,
     )
     result.assert_outcomes(passed=3, failed=1)

@@ -24,7 +24,7 @@ Unlike the paper's 13B models, the least-squares affine map ("tuned lens") beats
 layer 18 here; token identity leads from layer 19 (63% of depth). This suite does not fit the maps
 (that takes minutes); run the CLI for the full figure.
 
-Run time: ~1-2 min on 2 CPU cores (see README.md). Only for the default model: with another
+Run time: ~1-2 min on 2 CPU cores (see docs/eval.md). Only for the default model: with another
 --patchscope-model the margins do not apply and the tests skip.
 """
 import pytest

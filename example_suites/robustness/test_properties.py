@@ -13,7 +13,7 @@
   " Paris" for "a red car" at layers 3-5.
 
 The xfail property adds "x's capital city is", where the patch fails; Hypothesis finds it and
-shrinks the example to it (README shows the report).
+shrinks the example to it (docs/hypothesis.md shows the report).
 """
 from pathlib import Path
 

@@ -17,7 +17,8 @@ class LayerCell:
     target_layer: int
     text: str
     hit: bool | None = None
-    """Whether ``expect`` appears in ``text`` (None when the sweep had no ``expect``)."""
+    """Whether ``expect`` appears in ``text`` under the sweep's match rule (case-insensitive unless
+    the probe identity names another ``match``); None when the sweep had no ``expect``."""
     logprob: float | None = None
     """Log-probability of the expected answer's first token at the first generated step."""
     rank: int | None = None
@@ -57,6 +58,9 @@ class LocalizationProfile:
     """The candidates scored in every cell (``expect`` is one of them); () for a sweep without."""
     clean_candidate_logprobs: dict[str, float] | None = None
     """Each candidate's summed log-probability after the clean target (None when not scored)."""
+    path: str = "packed"
+    """Which engine ran the sweep: "packed", or "general" (the model's own forward and generate,
+    for a family the packed engine cannot run); see PatchscopeModel.path."""
 
     # ---- derived views -------------------------------------------------------------
     @property
@@ -128,6 +132,7 @@ class LocalizationProfile:
             + (f", site={p['site']}" if "site" in p else "")
             + (f", units={p['units']}" if "units" in p else "")
             + (f", expect={self.expect!r}" if self.expect is not None else "")
+            + (f", match={p['match']}" if "match" in p else "")
             + (f", candidates={list(self.candidates)}" if self.candidates else "")
         )
 
@@ -178,4 +183,5 @@ class LocalizationProfile:
             dtype=str(data.get("dtype", "")),
             candidates=tuple(data.get("candidates", ())),
             clean_candidate_logprobs=data.get("clean_candidate_logprobs"),
+            path=str(data.get("path", "packed")),
         )

@@ -10,9 +10,10 @@ what the writer can write back.
 Re-recording does not churn: log-probabilities and margins are stored to ``LOGPROB_DECIMALS``
 decimals, and an update keeps a stored number whose new value lies within ``NOISE_TOLERANCE``
 (0.001 nats) of it (:func:`settle`). The same computation run with another number of torch threads,
-under xdist (one thread per worker) or in another batch differs by about 1e-5 nats in float32, which
-flips the 4th decimal now and then; 0.001 nats is 2,000 times below the gate's smallest default
-tolerance (``peak_tie_margin`` 0.5). So a repeat update, ``-n 0`` or ``-n 2``, rewrites the file byte
+under xdist (one thread per worker) or in another batch differs by about 1e-5 nats in float32 (at
+most 1.3e-5 over 108 scores of the default model, 1 against 2 threads), which flips the 4th decimal
+now and then; 0.001 nats is 500 times below the gate's smallest default tolerance
+(``peak_tie_margin`` 0.5). So a repeat update, ``-n 0`` or ``-n 2``, rewrites the file byte
 for byte, while a number that moved by more than 0.001 nats, and every text, hit, rank or
 degeneration flag that changed, is written. A first record has nothing to keep, so two first records
 may still differ in a 4th decimal.
@@ -137,6 +138,7 @@ def serialize_entry(entry: Entry) -> dict[str, Any]:
         "expect": profile.expect,
         "grid": profile.grid,
         **({"candidates": list(profile.candidates)} if profile.candidates else {}),
+        **({"path": profile.path} if profile.path != "packed" else {}),  # absent: packed (files before the general path)
         "cells": [
             {
                 "layer": c.layer,
@@ -221,6 +223,8 @@ def deserialize_entry(where: str, data: Any, header: BaselineFile) -> Entry:
     candidates: Any = data.get("candidates", [])
     _check(where, "candidates", candidates, isinstance(candidates, list) and all(isinstance(c, str) for c in candidates),
            "a list of strings or absent")
+    path: Any = data.get("path", "packed")
+    _check(where, "path", path, path in ("packed", "general"), "'packed', 'general' or absent (packed)")
     profile = LocalizationProfile(
         probe=dict(probe),
         cells=tuple(deserialize_cell(f"{where}, cells[{k}]", cell) for k, cell in enumerate(cells)),
@@ -231,6 +235,7 @@ def deserialize_entry(where: str, data: Any, header: BaselineFile) -> Entry:
         architecture=dict(header.architecture),
         dtype=header.dtype,
         candidates=tuple(candidates),
+        path=path,
     )
     return Entry(profile, test)
 

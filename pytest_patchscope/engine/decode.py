@@ -60,6 +60,21 @@ def next_token(
     return int(torch.multinomial(probabilities, num_samples=1, generator=generator)[0, 0])
 
 
+def token_rank(logprobs: "torch.Tensor", token: int) -> int:
+    """A token's rank among all tokens of one step (0 = the greedy choice; ties share the better rank)."""
+    return int((logprobs > logprobs[token]).sum())
+
+
+def first_step_scores(logits: "torch.Tensor", token_ids: tuple[int, ...]) -> dict[int, tuple[float, int]]:
+    """(log-probability, rank) of each requested token at the first generated step, from its float logits."""
+    import torch
+
+    if not token_ids:
+        return {}
+    logprobs = torch.log_softmax(logits, dim=-1)
+    return {t: (float(logprobs[t]), token_rank(logprobs, t)) for t in token_ids}
+
+
 def row_generator(decoding: Decoding, sample: int, device: Any) -> "torch.Generator | None":
     """Sample `sample`'s own generator (None for greedy rows)."""
     import torch

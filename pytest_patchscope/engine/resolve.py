@@ -27,7 +27,7 @@ from pytest_patchscope.probes.probe import (
     describe_position,
     mapping_name,
 )
-from pytest_patchscope.validation import as_int, check_layer, finite_real
+from pytest_patchscope.validation import as_int, check_layer, check_text, finite_real
 
 if TYPE_CHECKING:
     import torch
@@ -183,9 +183,7 @@ class ResolvedProbe:
 
 
 def _check_prompt(field_name: str, prompt: Any, model: "PatchscopeModel") -> tuple[int, ...]:
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ProbeConfigError(field_name, prompt, "a non-empty string")
-    ids = tuple(model.tokenize(prompt))
+    ids = tuple(model.tokenize(check_text(field_name, prompt)))
     if not ids:
         raise ProbeConfigError(field_name, prompt, "a prompt that tokenizes to at least one token")
     limit = position_limit(model)
@@ -212,7 +210,7 @@ def _check_max_new_tokens(
     """max_new_tokens within the settings' bound and the room the position limit leaves after T
     (0 is allowed when the probe scores candidates: it then only scores)."""
     if as_int(value) is None or value < (0 if scoring else 1):
-        if value == 0 and type(value) is int:
+        if type(value) is int and value == 0:
             raise ProbeConfigError("max_new_tokens", value, "an int >= 1", "max_new_tokens=0 (score only) needs candidates=[...].")
         raise ProbeConfigError("max_new_tokens", value, "an int >= 0 with candidates" if scoring else "an int >= 1")
     if limit is not None and value > limit:
@@ -265,9 +263,8 @@ def resolve_probe(probe: Probe, model: "PatchscopeModel", *, max_new_tokens_limi
         raise ProbeConfigError("mapping", probe.mapping, "None (identity), a callable or a torch.nn.Module from the site's shape to itself")
     if not isinstance(probe.stop, tuple) or not all(isinstance(s, str) and s for s in probe.stop):
         raise ProbeConfigError("stop", probe.stop, "a tuple of non-empty strings")
-    location = locate_site(model, probe.site)
-    if source_model is not None:
-        locate_site(source_model, probe.site)
+    location = locate_site(model, probe.site, target_layer)  # a general-path model's layers may differ
+    locate_site(on_source, probe.site, layer)
     units = check_units("units", probe.units, location)
     source_indices = resolve_positions("source_position", probe.source_position, probe.source, on_source)
     target_indices = resolve_positions("target_position", probe.target_position, probe.target, model)
@@ -316,6 +313,7 @@ def candidate_tokens(candidates: Any, target: str, target_ids: tuple[int, ...], 
     for candidate in candidates:
         if not isinstance(candidate, str) or not candidate.strip():
             raise ProbeConfigError("candidates", list(candidates), f"{allowed}; {candidate!r} is not")
+        check_text("candidates", candidate, allowed)
         if list(candidates).count(candidate) > 1:
             raise ProbeConfigError("candidates", list(candidates), f"{allowed}; {candidate!r} appears more than once")
         continuation = candidate if candidate[0].isspace() or target[-1:].isspace() else " " + candidate
@@ -345,7 +343,7 @@ def check_units(field_name: str, units: Any, location: SiteLocation) -> tuple[in
     n = location.n_units
     allowed = f"None (all) or a non-empty list of distinct ints from 0 to {n - 1} ({location.site.units_are} of site {location.site.name!r})"
     if isinstance(units, (str, bytes)) or not isinstance(units, (list, tuple, range)):
-        hint = 'units="each" is for sweep(..., site="heads"): one probe per head.' if units == "each" else None
+        hint = 'units="each" is for sweep(..., site="heads"): one probe per head.' if isinstance(units, str) and units == "each" else None
         raise ProbeConfigError(field_name, units, allowed, hint)
     values = list(units)
     if not values:
@@ -384,7 +382,7 @@ def apply_mapping(mapping: Mapping | None, vector: "torch.Tensor", shape: tuple[
         if tuple(vector.shape) != tuple(shape):
             raise ProbeConfigError(
                 "mapping", "identity",
-                f"a map from the source's {tuple(vector.shape)} to the target's {tuple(shape)}: the two models differ in width",
+                f"a map from the source's {tuple(vector.shape)} to the target's {tuple(shape)}: the two models (or layers) differ in width",
                 "Pass mapping=AffineMapping.fit(source_states, target_states) (or another map of those shapes).",
             )
         return vector

@@ -45,9 +45,44 @@ class Sample:
     degenerate: str | None = None
 
 
-def contains(text: str, expected: str, case_sensitive: bool) -> bool:
-    """The one substring test of results and assertions (case-insensitive unless asked)."""
-    return expected in text if case_sensitive else expected.lower() in text.lower()
+MATCH_RULES = {
+    "ignore_case": "the expected text occurs in the generation, ignoring case (the default)",
+    "case_sensitive": "the expected text occurs in the generation as written",
+    "paper": (
+        "the Patchscopes paper's rule (its §4.2 code): the expected text with spaces removed occurs in the "
+        "generation with spaces removed, case-sensitive"
+    ),
+}
+"""How a hit is decided: `match=` of sweeps, `hit_rate` and the generation assertions."""
+DEFAULT_MATCH = "ignore_case"
+
+
+def check_match(match: object) -> str:
+    """`match` if it names a rule of MATCH_RULES, else a ProbeConfigError listing them."""
+    if not isinstance(match, str) or match not in MATCH_RULES:
+        rules = "; ".join(f"{name!r}: {meaning}" for name, meaning in MATCH_RULES.items())
+        raise ProbeConfigError("match", match, f"one of the match rules ({rules})")
+    return match
+
+
+def match_rule(case_sensitive: object, match: object) -> str:
+    """The rule meant by the `case_sensitive` / `match` keywords of an assertion or `hit_rate`
+    (match=None: case_sensitive decides); contradictory values are refused."""
+    if not isinstance(case_sensitive, bool):
+        raise ProbeConfigError("case_sensitive", case_sensitive, "True or False")
+    if match is None:
+        return "case_sensitive" if case_sensitive else DEFAULT_MATCH
+    rule = check_match(match)
+    if case_sensitive and rule == "ignore_case":
+        raise ProbeConfigError("match", match, "a case-sensitive rule with case_sensitive=True", "Pass one of the two keywords.")
+    return rule
+
+
+def contains(text: str, expected: str, match: str = DEFAULT_MATCH) -> bool:
+    """The one hit test of results, sweeps and assertions, under a rule of MATCH_RULES."""
+    if match == "paper":
+        return expected.replace(" ", "") in text.replace(" ", "")
+    return expected in text if match == "case_sensitive" else expected.lower() in text.lower()
 
 
 @dataclass(frozen=True)
@@ -76,20 +111,26 @@ class PatchResult:
     degenerate: str | None = None
     """Why the patched continuation looks degenerate (see `decoding.degeneration`), or None."""
     clean_degenerate: str | None = None
+    path: str = "packed"
+    """Which engine ran it: "packed" (the batched, prefix-sharing engine) or "general" (the model's
+    own forward and generate, for families the packed engine cannot run; see PatchscopeModel.path)."""
 
-    def hit_rate(self, expected: str, *, case_sensitive: bool = False, clean: bool = False) -> float:
-        """The share of samples (patched, or clean ones with clean=True) whose text contains `expected`.
+    def hit_rate(self, expected: str, *, case_sensitive: bool = False, clean: bool = False, match: str | None = None) -> float:
+        """The share of samples (patched, or clean ones with clean=True) whose text contains `expected`
+        (under `match`, a rule of MATCH_RULES; None: case_sensitive decides).
 
         A greedy probe has one sample, its continuation, so its hit rate is 0.0 or 1.0."""
+        rule = match_rule(case_sensitive, match)
         samples = self.clean_samples if clean else self.samples
         if samples is None:
             raise ProbeConfigError("clean", clean, "False for a result run with clean=False (it has no clean samples)")
         if not isinstance(expected, str) or not expected:
             raise ProbeConfigError("expected", expected, "a non-empty string")
-        return sum(contains(s.text, expected, case_sensitive) for s in samples) / len(samples)
+        return sum(contains(s.text, expected, rule) for s in samples) / len(samples)
 
     def __str__(self) -> str:
-        return f"{self.probe.describe()}\n  patched: {self.text!r}\n  clean:   {self.clean_text!r}"
+        ran = "" if self.path == "packed" else f"\n  path:    {self.path}"
+        return f"{self.probe.describe()}\n  patched: {self.text!r}\n  clean:   {self.clean_text!r}{ran}"
 
 
 def _text_line(text: str | None, degenerate: str | None, generated: bool) -> str:
@@ -123,6 +164,8 @@ def describe_failure(result: PatchResult, expectation: str) -> str:
     ]
     if len(result.samples) > 1:
         lines.append(f"  samples:  {[s.text for s in result.samples]!r}")
+    if result.path != "packed":
+        lines.append(f"  path:     {result.path} (the model's own forward and generate)")
     lines += describe_scores(result)
     lines.append(f"  as code:  {result.probe!r}")
     return "\n".join(lines)

@@ -160,8 +160,8 @@ def source_model_key(model: "PatchscopeModel | None") -> str:
     return "" if model is None else f"{model.name}#{model.weights_hash or id(model)}"
 
 
-def probe_result(rp: ResolvedProbe, where: ProbeRows, outputs: Sequence[RowOutput]) -> PatchResult:
-    """One probe's PatchResult from its rows' outputs."""
+def probe_result(rp: ResolvedProbe, where: ProbeRows, outputs: Sequence[RowOutput], path: str = "packed") -> PatchResult:
+    """One probe's PatchResult from its rows' outputs, run on `path` (the model's, see PatchscopeModel.path)."""
 
     def samples(indices: list[int]) -> tuple[Sample, ...]:
         return tuple(Sample(outputs[r].text, tuple(outputs[r].tokens), outputs[r].degenerate) for r in indices)
@@ -188,4 +188,5 @@ def probe_result(rp: ResolvedProbe, where: ProbeRows, outputs: Sequence[RowOutpu
         clean_samples=None if where.clean_samples is None else samples(where.clean_samples),
         degenerate=main.degenerate,
         clean_degenerate=None if clean is None else clean.degenerate,
+        path=path,
     )

@@ -20,15 +20,27 @@ from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, cast
 
-from pytest_patchscope.engine.decode import degeneration, next_token, row_generator
+from pytest_patchscope.engine import general
+from pytest_patchscope.engine.decode import degeneration, first_step_scores, next_token, row_generator, token_rank
 from pytest_patchscope.engine.resolve import ResolvedProbe, apply_mapping, resolve_probe
 from pytest_patchscope.engine.results import PatchResult
 from pytest_patchscope.engine.rows import Row, RowOutput, SourceStates, StateKey, build_rows, family_roots, probe_result, source_model_key
-from pytest_patchscope.engine.streams import Capture, LayerKV, PackedLayout, Patch, Span, StreamPlan, forward_opening, forward_streams
-from pytest_patchscope.errors import EngineError, ProbeConfigError
+from pytest_patchscope.engine.streams import (
+    Capture,
+    LayerKV,
+    PackedLayout,
+    Patch,
+    Span,
+    StreamPlan,
+    forward_opening,
+    forward_streams,
+    overflow_error,
+)
+from pytest_patchscope.errors import EngineError, ModelLoadError, ProbeConfigError, shown
 from pytest_patchscope.model.sites import DEFAULT_SITE, locate_site
 from pytest_patchscope.probes.probe import Probe, mapping_name
 from pytest_patchscope.progress import ProgressCallback
+from pytest_patchscope.validation import check_int
 
 if TYPE_CHECKING:
     import torch
@@ -75,6 +87,8 @@ class Engine:
         runs once however many of its positions are asked for. The caller bounds the batch."""
         import torch
 
+        if self.model.path == "general":
+            return general.capture_many(self.model, requests, sorted(set(layers)), site, self.batch_memory_mb)
         locate_site(self.model, site)
         keys = [(tuple(ids), index % len(ids), site, "") for ids, index in requests]
         wanted = {key: set(layers) for key in keys}
@@ -257,8 +271,13 @@ class Engine:
         """Run `rows` chunk by chunk; `states` holds known source states and gains those captured.
 
         The first chunk's opening pass also captures every missing source state of the whole job,
-        and every mapping is applied (and checked) before a second chunk runs.
+        and every mapping is applied (and checked) before a second chunk runs. A model on the
+        general path runs them through its own `generate` instead (see `general`).
         """
+        if self.model.path == "general":
+            return general.run_rows(self.model, rows, states, progress, self.batch_memory_mb)
+        if not rows:
+            return []
         outputs: list[RowOutput | None] = [None] * len(rows)
         chunks = self._chunks(rows)
         wanted: dict[StateKey, set[int]] = {}
@@ -279,6 +298,9 @@ class Engine:
             if k not in vectors:
                 row = rows[k]
                 assert row.location is not None  # only patched rows have vectors
+                for key in row.sources:
+                    if not _finite(states[key][row.source_layer]):
+                        raise _NonFiniteSource(key, row.source_layer, row.location.site.hook_name(row.source_layer))
                 mapped = [apply_mapping(row.mapping, states[key][row.source_layer], row.location.shape) for key in row.sources]
                 flat = torch.stack([m.reshape(-1) for m in mapped])
                 vectors[k] = flat.expand(len(row.offsets), -1) if len(mapped) == 1 else flat
@@ -301,13 +323,17 @@ class Engine:
                 if progress is not None and size:
                     progress(before + size * min(fraction, 1.0), total)
 
-            results = self._run_chunk(chunk_rows, wanted if number == 0 else {}, states, chunk_vector, step_done)
-            for k, out in zip(chunk, results):
-                outputs[k] = out
-            if number == 0:
-                for k, row in enumerate(rows):
-                    if row.sources and row.parent is None:
-                        vector_of(k)
+            try:
+                results = self._run_chunk(chunk_rows, wanted if number == 0 else {}, states, chunk_vector, step_done)
+                for k, out in zip(chunk, results):
+                    outputs[k] = out
+                if number == 0:
+                    for k, row in enumerate(rows):
+                        if row.sources and row.parent is None:
+                            vector_of(k)
+            except _NonFiniteSource as bad:  # told here, once the pass's hooks are gone
+                model = self.model if bad.key[3] == "" else None
+                raise _model_overflow(model, bad.key[0], f"in the source state at {bad.hook_name}") from None
             done += probes_in_chunk
             if progress is not None and probes_in_chunk:  # a chunk of clean rows only would read as done == 0: a new job
                 progress(done, total)
@@ -333,7 +359,8 @@ class Engine:
 
         plan, groups, group_ids, logits, stores, lp, ls, roots = self._opening(rows, wanted, states, vector_of, layer_done)
         logits = logits.float()  # type: ignore[union-attr]
-        scores = [self._scores(logits[plan.final[r]], row.score_ids) for r, row in enumerate(rows)]
+        self._check_finite(logits, plan, rows, roots, None, dtype)
+        scores = [first_step_scores(logits[plan.final[r]], row.score_ids) for r, row in enumerate(rows)]
 
         # Decoding layout per row: [pad][prefix] | [pad][suffix] | new tokens; every prompt ends in one column.
         valid = torch.zeros(n, lp + ls, dtype=torch.bool, device=device)
@@ -372,7 +399,7 @@ class Engine:
                     value = logprobs[stream, token]
                     forced_logprobs[r].append(float(value))
                     if first_rank[r] is None:
-                        first_rank[r] = _rank(logprobs[stream], token)
+                        first_rank[r] = token_rank(logprobs[stream], token)
                     tokens[r].append(token)
                     groups[r] = group_ids.setdefault((groups[r], token), len(group_ids))
                     if len(tokens[r]) < len(row.forced):  # the last token's log-probability needs no pass
@@ -413,6 +440,7 @@ class Engine:
                     seen[window] = seen[None] & (last_pos[layout, None, None] - key_pos[layout, None, :] < window)
             masks = {window: _float_mask(allowed, dtype) for window, allowed in seen.items()}
             logits = forward_streams(model, plan, stores, next_ids, last_pos[layout, None], masks, key_pos[layout])
+            self._check_finite(logits, plan, rows, roots, tokens, dtype)
             step_done((step + 2) / (steps + 1))
         outputs = []
         for r, row in enumerate(rows):
@@ -421,20 +449,83 @@ class Engine:
             outputs.append(RowOutput(tokens[r], text, scores[r], forced_logprobs[r], first_rank[r], flag))
         return outputs
 
-    @staticmethod
-    def _scores(logits: "torch.Tensor", token_ids: tuple[int, ...]) -> dict[int, tuple[float, int]]:
-        """(log-probability, rank) of each requested token at the first generated step."""
+    def _check_finite(
+        self, logits: "torch.Tensor", plan: StreamPlan, rows: list[Row], roots: list[int], generated: list[list[int]] | None,
+        dtype: "torch.dtype",
+    ) -> None:
+        """A pass's logits must be finite: NaN scores and the argmax of NaN logits would pass for a
+        verdict. One reduction per pass (a sum, which is NaN/inf whenever a value is); on failure a
+        plain forward over the first bad row's tokens tells the model's own overflow (a ModelLoadError
+        naming where) from a patch that drives the layers after it to NaN/inf (a ProbeConfigError)."""
         import torch
 
-        if not token_ids:
-            return {}
-        logprobs = torch.log_softmax(logits, dim=-1)
-        return {t: (float(logprobs[t]), _rank(logprobs, t)) for t in token_ids}
+        if _finite(logits):
+            return
+        bad = set((~torch.isfinite(logits)).any(dim=-1).nonzero().flatten().tolist())
+        r = next(r for r in plan.rows if plan.final[r] in bad)
+        ids = (*rows[r].target_ids, *(generated[r] if generated else ()))
+        where = _first_non_finite(self.model, ids)
+        if where is not None:
+            raise _model_overflow(self.model, ids, where)
+        root = rows[roots[r]]
+        if root.sources and root.location is not None and root.patch_layer is not None:
+            hook_name = root.location.site.hook_name(root.patch_layer)
+            raise overflow_error(root.strength, mapping_name(root.mapping), hook_name, dtype, downstream=True)
+        raise EngineError(f"the logits of row {r} are NaN/inf, although a plain forward over its tokens stays finite")
 
 
-def _rank(logprobs: "torch.Tensor", token: int) -> int:
-    """A token's rank among all tokens of one step (0 = the greedy choice; ties share the better rank)."""
-    return int((logprobs > logprobs[token]).sum())
+class _NonFiniteSource(Exception):
+    """A source state is NaN/inf. Raised inside a pass (where a source value is mapped) and told as a
+    ModelLoadError once the pass's hooks are gone, since naming where it overflows runs the model again."""
+
+    def __init__(self, key: StateKey, layer: int, hook_name: str) -> None:
+        super().__init__(hook_name)
+        self.key, self.layer, self.hook_name = key, layer, hook_name
+
+
+def _finite(values: "torch.Tensor") -> bool:
+    """Whether every value is finite, by one reduction: a sum is NaN/inf whenever a value is (and,
+    rarely, when finite values overflow it: then the exact check decides)."""
+    import torch
+
+    return bool(torch.isfinite(values.sum())) or bool(torch.isfinite(values).all())
+
+
+def _first_non_finite(model: "PatchscopeModel", ids: Sequence[int]) -> str | None:
+    """Where a plain forward of `model` over `ids` (no patch) first holds NaN/inf, or None. Its own
+    hooks see each layer's output (output_hidden_states would leave transformers' recorders on the layers)."""
+    import torch
+
+    found: list[int] = []
+
+    def check(layer_index: int, module: Any, args: tuple, output: Any) -> None:
+        if not found and not _finite(output[0] if isinstance(output, tuple) else output):
+            found.append(layer_index)
+
+    handles = [layer.register_forward_hook(partial(check, j)) for j, layer in enumerate(model.plain_layers)]
+    try:
+        with torch.no_grad():
+            logits = model.plain(input_ids=torch.tensor([list(ids)], device=model.device), use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    if found:
+        return f"from layer {found[0]} on (the output of blocks.{found[0]})"
+    return None if _finite(logits) else "in its final norm or LM head"
+
+
+def _model_overflow(model: "PatchscopeModel | None", ids: Sequence[int], where: str) -> ModelLoadError:
+    """The model itself (no patch involved) computes NaN/inf on a prompt: refuse to report anything."""
+    if model is not None:
+        where = _first_non_finite(model, ids) or where
+    name = "the source model" if model is None else f"model={model.name!r}"
+    prompt = shown(model.decode(list(ids))) if model is not None else f"of {len(ids)} tokens"
+    return ModelLoadError(
+        f"{name} computes NaN/inf values {where} on the prompt {prompt}, before any patch: its weights are "
+        "finite, but its activations overflow. No result is reported (NaN scores and the argmax of NaN logits "
+        "would pass for a verdict). Allowed: a model whose forward pass stays finite; check the checkpoint for "
+        "mis-scaled weights, or load it in float32 if it runs in float16 or bfloat16."
+    )
 
 
 def _capture_other_models(resolved: Sequence[ResolvedProbe], states: SourceStates, batch_memory_mb: float) -> None:
@@ -472,13 +563,32 @@ def run_probes(
     Every probe is validated before anything runs, and every mapping is applied and checked in the
     first chunk's opening pass, before any other chunk runs. Every hook goes when its pass ends, so
     bad input never leaves the model hooked. `clean=False` skips the unpatched continuations.
+    An empty list is an empty job: no results (a property over no probes holds).
     """
     import torch
 
+    if isinstance(probes, (str, bytes, Probe)) or not isinstance(probes, Iterable):
+        hint = "Wrap one probe in a list: run([probe])." if isinstance(probes, Probe) else None
+        raise ProbeConfigError("probes", probes, "a list of Probe objects (see Patchscope.probe)", hint)
     resolved = [resolve_probe(p, engine.model, max_new_tokens_limit=engine.max_new_tokens_limit) for p in probes]
+    if not resolved:
+        return []
     with torch.no_grad():
         rows, placed = build_rows(resolved, score_ids, clean=clean)
         states: SourceStates = {key: dict(value) for key, value in (source_states or {}).items()}
         _capture_other_models(resolved, states, engine.batch_memory_mb)
         outputs = engine.run_rows(rows, states, progress)
-    return [probe_result(rp, where, outputs) for rp, where in zip(resolved, placed)]
+    return [probe_result(rp, where, outputs, engine.model.path) for rp, where in zip(resolved, placed)]
+
+
+def run_unpatched(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens: int) -> list[str]:
+    """The model's own greedy continuation of each prompt (token ids), as text: the clean rows of a
+    job with no probes, batched like any job (e.g. the paper's "does the model know this fact" filter)."""
+    import torch
+
+    if not prompts or any(not ids for ids in prompts):
+        raise ProbeConfigError("prompts", [list(ids) for ids in prompts][:3], "a non-empty list of non-empty token-id prompts")
+    check_int("max_new_tokens", max_new_tokens, 1, engine.max_new_tokens_limit)
+    rows = [Row(target_ids=tuple(ids), split=len(ids) - 1, max_new_tokens=max_new_tokens) for ids in prompts]
+    with torch.no_grad():
+        return [output.text for output in engine.run_rows(rows, {})]

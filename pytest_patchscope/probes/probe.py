@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence, Union
 
 from pytest_patchscope.probes.decoding import GREEDY, Decoding
+from pytest_patchscope.validation import plain
 
 if TYPE_CHECKING:
     import torch
@@ -107,6 +108,18 @@ class Probe:
     decoding: Decoding = GREEDY
     """How the continuation is decoded: greedy (the default) or sampled, see `decoding.Decoding`."""
 
+    def __post_init__(self) -> None:
+        """numpy and torch values (an index array as units or positions, a numpy int as layer) become
+        the Python values they hold (`validation.plain`): the probe then compares, prints and is
+        checked and recorded as plain data."""
+        for name in _INDEX_FIELDS:
+            value = getattr(self, name)
+            converted = plain(value)
+            if name in ("units", "stop") and isinstance(converted, list) and not isinstance(value, list):
+                converted = tuple(converted)  # an array given for a tuple field
+            if converted is not value:
+                object.__setattr__(self, name, converted)
+
     def __repr__(self) -> str:
         """The probe as code, with the fields that differ from their defaults (for @example(...))."""
         shown = [
@@ -170,6 +183,10 @@ class Probe:
             f"(T={target}, i*={describe_position(self.target_position)}, "
             f"l*={self.layer if self.target_layer is None else self.target_layer}{extra})"
         )
+
+
+_INDEX_FIELDS = ("layer", "target_layer", "source_position", "target_position", "strength", "max_new_tokens", "units", "stop")
+"""Probe fields that a numpy or torch value may fill (see `Probe.__post_init__`)."""
 
 
 def describe_units(units: Sequence[int]) -> str:

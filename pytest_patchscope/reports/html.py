@@ -322,7 +322,8 @@ def identity_table(profile: LocalizationProfile, layout: HeatmapLayout) -> str:
 
 
 def _checkpoint(profile: LocalizationProfile) -> str:
-    return f"{profile.model or '?'} @ {profile.weights_hash[:12] or '?'}" + (f" ({profile.dtype})" if profile.dtype else "")
+    facts = [fact for fact in (profile.dtype, "" if profile.path == "packed" else f"{profile.path} path") if fact]
+    return f"{profile.model or '?'} @ {profile.weights_hash[:12] or '?'}" + (f" ({', '.join(facts)})" if facts else "")
 
 
 def figures_table(record: ProbeRecord) -> str:

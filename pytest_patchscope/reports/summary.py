@@ -17,7 +17,7 @@ from pytest_patchscope.baseline.comparator import Comparison
 from pytest_patchscope.baseline.profile import LayerCell, LocalizationProfile
 from pytest_patchscope.baseline.serializer import round_logprob
 from pytest_patchscope.errors import ReportError
-from pytest_patchscope.fileio import atomic_write
+from pytest_patchscope.fileio import atomic_write, remove_stale_temps
 
 RECORDED = "recorded"
 """Status of a profile added without a comparison (no baseline was consulted)."""
@@ -156,6 +156,7 @@ def profile_facts(profile: LocalizationProfile | None) -> dict[str, Any] | None:
         "model": profile.model,
         "weights_hash": profile.weights_hash,
         "dtype": profile.dtype,
+        "path": profile.path,
         "hit_layers": profile.hit_layers,
         "first_hit": profile.first_hit,
         "peak_layer": profile.peak_layer,
@@ -172,7 +173,10 @@ def profile_facts(profile: LocalizationProfile | None) -> dict[str, Any] | None:
 
 
 def write_report_file(path: str | os.PathLike[str], data: str | bytes) -> Path:
+    """Write a report atomically, first removing the temp files of killed writers of it (their pid
+    is gone), so that a SIGKILL mid-write leaves no temp file for good."""
     try:
+        remove_stale_temps(path)
         atomic_write(path, data)
     except OSError as exc:
         raise ReportError(
