@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: examples test lint bench
+.PHONY: examples test test-fast lint bench
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,17 @@ $(STAMP): pyproject.toml requirements-dev.txt
 examples: $(STAMP)
 	$(BIN)/python -m pytest example_suites $(ARGS)
 
+# Tests by cost (markers that tests/conftest.py gives every test: unit, tiny, real, pytester, slow).
+# `make test` runs the whole suite on WORKERS xdist workers (each loads the models it needs once);
+# `make test-fast` is the inner loop: no default model, no pytest sessions, no slow matrices.
+WORKERS ?= 2
+XDIST := -n $(WORKERS) --dist load
+
 test: $(STAMP)
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest $(XDIST) -m "(unit or tiny) and not slow" $(ARGS)
 
 # ruff (style), mypy (types), import-linter (the layers in pyproject's [tool.importlinter]) and
 # vulture (dead code; tools/vulture_whitelist.py names what is used only from outside the package).

@@ -458,7 +458,9 @@ class AttributeReport:
         head = (
             f"# Attribute extraction (Patchscopes §4.2): {self.model}\n\n"
             f"Source layers {describe_layers(self.layers)}, target layers {describe_layers(self.target_layers)} "
-            f"(of 0-{self.n_layers - 1}); {self.max_new_tokens} new tokens, greedy, only the prompt pass patched; "
+            f"(of 0-{self.n_layers - 1}); datapoints: facts whose own {self.filter_max_new_tokens}-token greedy continuation of "
+            f"target_baseline contains the object{'' if self.max_per_task is None else f' (at most {self.max_per_task} per task)'}; "
+            f"{self.max_new_tokens} new tokens, greedy, only the prompt pass patched; "
             f"hit = the paper's rule (match={self.match!r}). Accuracy per source layer: a datapoint counts if any "
             f"target layer hits; mean ± std (%) over source layers. Probe: logistic regression on the subject's "
             f"last-token state, {CV_FOLDS}-fold cross-validated. ** p < 1e-5, * p < 1e-4 (paired t-test over source "
@@ -797,13 +799,21 @@ def evaluate_attribute(
 # ============================================================================================
 # outputs
 # ============================================================================================
-def _figure(columns: int, rows: int, width: float, height: float) -> Any:
+def _panels(report: AttributeReport, width: float, height: float) -> tuple[Any, list[tuple[TaskResult, Any]], Any]:
+    """A figure of small multiples, up to 4 a row: (figure, [(task, its axes)], every axes) for the
+    tasks that have datapoints; unused panels are hidden."""
     from pytest_patchscope.reports.formats import _matplotlib
 
+    shown = [t for t in report.tasks if t.datapoints]
+    columns = min(4, max(1, len(shown)))
+    rows = max(1, math.ceil(len(shown) / columns))
     Figure, FigureCanvasAgg = _matplotlib()
     fig = Figure(figsize=(width * columns, height * rows), layout="constrained")
     FigureCanvasAgg(fig)
-    return fig
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for k in range(len(shown), rows * columns):
+        axes[k // columns][k % columns].set_visible(False)
+    return fig, [(t, axes[k // columns][k % columns]) for k, t in enumerate(shown)], axes
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -817,13 +827,8 @@ def _save(fig: Any, path: Path) -> Path:
 
 def plot_layers(report: AttributeReport, path: str | Path) -> Path:
     """Per task: Patchscope and probe accuracy over source layers (small multiples)."""
-    shown = [t for t in report.tasks if t.datapoints]
-    columns = min(4, max(1, len(shown)))
-    rows = max(1, math.ceil(len(shown) / columns))
-    fig = _figure(columns, rows, 3.4, 2.6)
-    axes = fig.subplots(rows, columns, squeeze=False)
-    for k, t in enumerate(shown):
-        ax = axes[k // columns][k % columns]
+    fig, panels, _ = _panels(report, 3.4, 2.6)
+    for k, (t, ax) in enumerate(panels):
         ax.plot(t.layers, t.patchscope, color="tab:blue", marker="o", markersize=3, label="Patchscope")
         if t.probe is not None:
             ax.plot(t.layers, t.probe, color="tab:orange", marker="s", markersize=3, label="probe")
@@ -834,8 +839,6 @@ def plot_layers(report: AttributeReport, path: str | Path) -> Path:
         if k == 0:
             ax.set_ylabel("accuracy")
             ax.legend(fontsize="x-small")
-    for k in range(len(shown), rows * columns):
-        axes[k // columns][k % columns].set_visible(False)
     fig.suptitle(f"Attribute extraction by source layer: {report.model} (any target layer {describe_layers(report.target_layers)})",
                  fontsize="medium")
     return _save(fig, Path(path))
@@ -843,14 +846,9 @@ def plot_layers(report: AttributeReport, path: str | Path) -> Path:
 
 def plot_heatmaps(report: AttributeReport, path: str | Path) -> Path:
     """Per task: the hit rate of every (source layer l, target layer l*) cell."""
-    shown = [t for t in report.tasks if t.datapoints]
-    columns = min(4, max(1, len(shown)))
-    rows = max(1, math.ceil(len(shown) / columns))
-    fig = _figure(columns, rows, 3.2, 3.2)
-    axes = fig.subplots(rows, columns, squeeze=False)
+    fig, panels, axes = _panels(report, 3.2, 3.2)
     image = None
-    for k, t in enumerate(shown):
-        ax = axes[k // columns][k % columns]
+    for t, ax in panels:
         image = ax.imshow(t.hit_rate, cmap="viridis", vmin=0, vmax=1, origin="lower", aspect="auto")
         ax.set_xticks(range(len(t.target_layers)), [str(x) for x in t.target_layers], fontsize="x-small")
         step = max(1, len(t.layers) // 8)
@@ -858,8 +856,6 @@ def plot_heatmaps(report: AttributeReport, path: str | Path) -> Path:
         ax.set_xlabel("target layer l*", fontsize="small")
         ax.set_ylabel("source layer l", fontsize="small")
         ax.set_title(f"{t.task} (n={t.datapoints})", fontsize="small")
-    for k in range(len(shown), rows * columns):
-        axes[k // columns][k % columns].set_visible(False)
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), label="hit rate", shrink=0.8)
     fig.suptitle(f"Attribute extraction hit rate, l x l*: {report.model}", fontsize="medium")

@@ -6,6 +6,7 @@ built from a config: a RoPE Llama and an absolute-position GPT-2, to cover both 
 from __future__ import annotations
 
 import contextlib
+import subprocess
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,66 +23,98 @@ import hf_reference as ref
 # ---- cost classes ------------------------------------------------------------------------------
 # Every test gets one marker, from the fixtures it uses (so a new test is classified without anyone
 # remembering), most expensive first. A module or test can claim a class itself with the marker
-# (e.g. one that starts pytest subprocesses without the pytester fixture): then it is left alone.
-#   pytester  runs pytest sessions (the pytester fixture; inner runs often load the default model)
+# (one that starts pytest subprocesses without the pytester fixture must): then it is left alone.
+#   pytester  runs pytest sessions (pytester, or a subprocess; inner runs often load the default model)
 #   real      the default 135M model in this process
 #   tiny      tiny random models (and the default model's tokenizer)
 #   unit      none of these
+# A unit or tiny test that loads the default model or starts pytest fails, naming the marker it
+# needs (_cheap_means_cheap). `slow` is separate: tests of a cheap class that still take long
+# (the family matrix beyond FAST_FAMILIES, a fuzz); `make test-fast` runs `(unit or tiny) and not slow`.
 COST_CLASSES: dict[str, frozenset[str]] = {
     "pytester": frozenset({"pytester"}),
     "real": frozenset({"default_scope", "plain_hf"}),
     "tiny": frozenset({"tiny_model", "tiny_llama", "tiny_llama_dir", "damaged_dir", "tokenizer", "default_model_dir"}),
 }
+CLASS_ORDER = (*COST_CLASSES, "unit")
+FAST_FAMILIES = frozenset({"llama", "gpt2", "mamba"})
+"""test_families.py's families in the fast loop: RoPE and absolute positions (packed), a state-space model (general)."""
 
 
 def cost_class(item: pytest.Item) -> str:
     """The most expensive class whose fixtures `item` uses (a class marker of its own wins)."""
-    for name in (*COST_CLASSES, "unit"):
+    for name in CLASS_ORDER:
         if item.get_closest_marker(name) is not None:
             return name
     used = set(getattr(item, "fixturenames", ()))
     return next((name for name, fixtures in COST_CLASSES.items() if used & fixtures), "unit")
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by these markers
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         name = cost_class(item)
         if item.get_closest_marker(name) is None:
             item.add_marker(name)
+        callspec = getattr(item, "callspec", None)
+        family = callspec.params.get("family") if callspec is not None else None
+        if family is not None and getattr(family, "name", None) not in FAST_FAMILIES:
+            item.add_marker("slow")
+
+
+class _ExpensiveFirst:
+    @pytest.hookimpl(trylast=True)  # after pytest has grouped the items by their fixtures' parameters
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        """Most expensive class first (a stable sort: modules and parameter groups stay together),
+        so that xdist hands the long tests out early and the run ends on short ones."""
+        items.sort(key=lambda item: CLASS_ORDER.index(cost_class(item)))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(_ExpensiveFirst(), "patchscope-tests-expensive-first")
 
 
 @contextlib.contextmanager
-def _no_default_weights(item: pytest.Item) -> Iterator[None]:
+def _cheap_means_cheap(item: pytest.Item) -> Iterator[None]:
     """A unit or tiny test that loads weights from the dequantized default model (say through a
-    fixture of its own module) fails, naming the marker it needs: `make test-fast` stays fast."""
-    if cost_class(item) not in ("unit", "tiny"):
+    fixture of its own module) or starts pytest in a subprocess fails, naming the marker it needs."""
+    which = cost_class(item)
+    if which not in ("unit", "tiny"):
         yield
         return
     from transformers import AutoModelForCausalLM
 
-    load = AutoModelForCausalLM.from_pretrained
+    load, start = AutoModelForCausalLM.from_pretrained, subprocess.Popen.__init__
     cached = (cache_root() / "gguf").resolve()
 
-    def guarded(cls: type, directory: Any, *args: Any, **kwargs: Any) -> Any:
+    def guarded_load(cls: type, directory: Any, *args: Any, **kwargs: Any) -> Any:
         if Path(directory).resolve().is_relative_to(cached):
-            pytest.fail(f"{item.nodeid} loads the default model ({directory}) but is classed "
-                        f"{cost_class(item)!r}: mark it @pytest.mark.real (tests/conftest.py)", pytrace=False)
+            pytest.fail(f"{item.nodeid} loads the default model ({directory}) but is classed {which!r}: "
+                        "mark it @pytest.mark.real (cost classes: tests/conftest.py)", pytrace=False)
         return load(directory, *args, **kwargs)
 
+    def guarded_start(self: subprocess.Popen[Any], args: Any, *rest: Any, **kwargs: Any) -> None:
+        argv = [str(a) for a in args] if isinstance(args, (list, tuple)) else str(args).split()
+        if argv[1:3] == ["-m", "pytest"] or (argv and Path(argv[0]).name in ("pytest", "py.test")):
+            pytest.fail(f"{item.nodeid} runs pytest in a subprocess but is classed {which!r}: "
+                        "mark it @pytest.mark.pytester (cost classes: tests/conftest.py)", pytrace=False)
+        start(self, args, *rest, **kwargs)
+
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(guarded))
+        patch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(guarded_load))
+        patch.setattr(subprocess.Popen, "__init__", guarded_start)
         yield
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
-    with _no_default_weights(item):
+    with _cheap_means_cheap(item):
         return (yield)
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
-    with _no_default_weights(item):
+    with _cheap_means_cheap(item):
         return (yield)
 
 

@@ -166,7 +166,8 @@ def test_bad_data_is_refused_naming_the_folder_file_task_or_field(tmp_path):
     with pytest.raises(ProbeConfigError, match="It has no .tsv file"):
         find_tasks(tmp_path / "empty")
     bad = write_tsv(tmp_path / "data" / "broken.tsv", [[0, "x"]], header=["", "prompt_target"])
-    with pytest.raises(ProbeConfigError, match=r"broken.tsv columns=.* it lacks sample_id, target_baseline, object, subject, prompt_source, source_cropped_toks"):
+    lacks = "it lacks sample_id, target_baseline, object, subject, prompt_source, source_cropped_toks"
+    with pytest.raises(ProbeConfigError, match=rf"broken.tsv columns=.* {lacks}"):
         read_task(bad)
     good = write_tsv(tmp_path / "data" / "country_capital_city.tsv", [row(0, 0, "Canada", "Ottawa", " to Canada", [" to", " Canada"])])
     with pytest.raises(ProbeConfigError, match=r"tasks='country_capital' is not valid: one of the 2 tasks .* Did you mean 'country_capital_city'\?"):
@@ -349,4 +350,26 @@ def test_the_default_model_on_the_papers_data(default_scope, plain_hf, tmp_path)
         vector = ref.source_state(plain_hf, source_ids, s["source_position"], s["layer"])
         expected = ref.patched_generate(plain_hf, target_ids, s["target_position"], s["target_layer"], vector, 10, eos=eos)
         assert s["generation"] == model.decode(expected), s
-    assert MEASURED_CAPITAL_HITS_AT_LAYER_0 <= capital.patchscope[0]
+    # Measured (this configuration, SmolLM2-135M-Instruct): the model knows 8 of the 24 capitals and 39 of
+    # the 50 phases; Patchscope accuracy 0.5 at every layer for the capitals (2 of 4 datapoints), 0.75 / 1.0
+    # / 1.0 for the phases. The bounds leave one datapoint of slack.
+    assert (capital.counts["known_facts"], phase.counts["known_facts"]) == (8, 39)
+    assert min(capital.patchscope) >= 0.25 and min(phase.patchscope[1:]) >= 0.75
+    assert capital.clean_hits == 0 and phase.clean_hits == 0  # the unpatched target says none of the objects
+
+
+@needs_data
+def test_the_example_gate_passes_on_the_release_model(pytester, tmp_path, monkeypatch):
+    """example_suites/paper_attribute against its committed baseline, on the model that recorded it:
+    every datapoint is compared (none new, none missing) and none regressed."""
+    import shutil
+
+    import transformer_lens.model_bridge  # noqa: F401  (see test_plugin.py: import outside pytester runs)
+
+    repo = Path(__file__).resolve().parents[1]
+    baseline = tmp_path / "baseline.json"
+    shutil.copy(repo / "example_suites" / "paper_attribute" / "baseline.json", baseline)
+    monkeypatch.chdir(repo)
+    result = pytester.runpytest("example_suites/paper_attribute", f"--patchscope-baseline={baseline}", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=60)
+    result.stdout.fnmatch_lines(["*60 probes: 60 unchanged*"])

@@ -20,6 +20,8 @@ import pytest
 from pytest_patchscope.baseline.serializer import LOGPROB_DECIMALS, NOISE_TOLERANCE
 from pytest_patchscope.model.loading import cache_root
 
+pytestmark = pytest.mark.pytester  # pytest subprocesses (cost classes: tests/conftest.py)
+
 CANDIDATES = '''
 from pytest_patchscope import attribute_extraction
 

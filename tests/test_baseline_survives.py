@@ -17,6 +17,8 @@ import pytest
 
 from pytest_patchscope.baseline.storage import read_baseline
 
+pytestmark = pytest.mark.pytester  # pytest subprocesses (cost classes: tests/conftest.py)
+
 SUITE = """
 import os
 

@@ -395,6 +395,7 @@ print(status("VmHWM") - before)
 """
 
 
+@pytest.mark.slow  # a subprocess that measures its own peak memory
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc/self/clear_refs")
 def test_measured_peak_memory_stays_under_the_bound(tiny_llama_dir):
     """A 4 x 4 grid of 200-token prompts, in a fresh process whose large allocations go back to the

@@ -7,8 +7,9 @@ import textwrap
 
 import pytest
 
-from conftest import active_hooks
 from pytest_patchscope import Decoding, Patchscope, PatchscopeFixture, ProbeConfigError
+
+from conftest import active_hooks
 
 TARGET = "The capital city of x is"
 

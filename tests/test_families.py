@@ -236,6 +236,7 @@ def test_the_bridge_of_grouped_falcon_matches_hf(tokenizer):
     hf = next(f for f in SUPPORTED if f.name == "falcon_grouped").build()
     reference = copy.deepcopy(hf)
     model = from_hf(hf, tokenizer, name="tiny-falcon_grouped")
+    assert model.path == "packed" and model.bridge is not None  # not the general path's fallback
     ids = torch.tensor([tokenizer(LONG)["input_ids"]])
     with torch.no_grad():
         assert (model.bridge(ids) - reference(ids).logits).abs().max() < 1e-4

@@ -1,9 +1,9 @@
 """A Hypothesis fuzz of the public API on the tiny models: generate, score, sweep, run and the settings.
 
 Arguments come from wide strategies (huge and negative ints, NaN/inf/huge floats, bools, strings,
-lone surrogates, numpy and torch arrays and scalars, empty lists, None, tuples, odd Placeholder/Substring specs, lists of positions, every site and odd ones, units
-out of range or repeated, mappings that return wrong shapes, dtypes, layouts or devices, or change
-their input in place, candidates that are empty, repeated or nothing but special tokens, and
+lone surrogates, numpy and torch arrays and scalars, empty lists, None, tuples, odd Placeholder/Substring
+specs, lists of positions, every site and odd ones, units out of range or repeated, mappings that
+return wrong shapes, dtypes, layouts or devices, or change their input in place, candidates that are empty, repeated or nothing but special tokens, and
 sampling settings out of range). Allowed outcomes: a result, or a ProbeConfigError
 whose field is one of the arguments given (its message starts with it). After every example no
 hook is left and a fixed reference probe still gives exactly its original tokens. Deterministic
@@ -29,6 +29,8 @@ from pytest_patchscope.model.sites import SITES
 from pytest_patchscope.scope import Patchscope
 
 from conftest import active_hooks
+
+pytestmark = pytest.mark.slow  # EXAMPLES examples per tiny model: not in make test-fast
 
 EXAMPLES = 300
 D_MODEL = 64  # the tiny models'

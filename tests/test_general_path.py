@@ -129,3 +129,12 @@ def test_profiles_and_baselines_say_which_path_ran(jamba, tiny_llama):
     packed = Patchscope(tiny_llama, progress=False).sweep("Tokyo", "Short x", layers=[0], max_new_tokens=2)
     assert packed.path == "packed" and "path" not in serialize_entry(Entry(packed, "tests/test_x.py::test_y"))
     assert deserialize_entry("entry", serialize_entry(Entry(packed, "t.py::t")), header).profile.path == "packed"
+
+
+def test_a_patch_that_drives_later_layers_to_nan_is_refused(tokenizer):
+    """A finite patch whose later layers overflow (MPT's LayerNorm over 1e33-sized values) would give
+    NaN logits, and their argmax a text: a ProbeConfigError instead, with no hook left behind."""
+    scope = general_scope("mpt", tokenizer)
+    with pytest.raises(ProbeConfigError, match=r"strength=1000(\.0)? is not valid: .*keeps the layers after it finite in torch.float32"):
+        scope.run([Probe("Tokyo", "Short x", layer=0, strength=1000, mapping=lambda h: h * 1e30, max_new_tokens=3)])
+    assert active_hooks(scope.model) == []

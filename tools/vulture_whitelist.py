@@ -28,3 +28,5 @@ _.subject  # strategies' fact fields, drawn by users
 _.answer
 _._attn_implementation  # read by transformers
 _.patchscope_device  # pytest's option namespace, read by workers.configure_worker
+_.runtest  # fact_tables.FactItem: pytest calls these on a non-Python test item
+_.reportinfo

@@ -29,7 +29,7 @@ from pytest_patchscope.engine.decode import degeneration, first_step_scores, nex
 from pytest_patchscope.engine.resolve import apply_mapping
 from pytest_patchscope.engine.rows import Row, RowOutput, SourceStates, StateKey
 from pytest_patchscope.engine.streams import overflow_error
-from pytest_patchscope.errors import EngineError, ProbeConfigError
+from pytest_patchscope.errors import EngineError, ModelLoadError, ProbeConfigError
 from pytest_patchscope.model.layers import PADDED_BATCHES, UNBATCHED, last_token_layers
 from pytest_patchscope.model.sites import SiteLocation, locate_site
 from pytest_patchscope.probes.probe import mapping_name
@@ -239,6 +239,8 @@ class _Choices:
         import torch
 
         logits, rows, model = self.logits, self.rows, self.model
+        if not bool(torch.isfinite(logits.sum())):
+            self._refuse_non_finite(logits)
         if self.step == 0:
             self.generators = [row_generator(row.decoding, row.sample, logits.device) for row in rows]
             self.scores = [first_step_scores(logits[r], row.score_ids) for r, row in enumerate(rows)]
@@ -279,6 +281,21 @@ class _Choices:
         only = torch.full_like(scores, -math.inf)
         only[torch.arange(len(rows), device=scores.device), torch.tensor(chosen, device=scores.device)] = 0.0
         return only
+
+    def _refuse_non_finite(self, logits: Any) -> None:
+        """NaN/inf logits would pass for a verdict: a patch that drives the layers after it there is a
+        ProbeConfigError; a row without a patch means the model itself overflows (a ModelLoadError)."""
+        import torch
+
+        r = int((~torch.isfinite(logits)).any(dim=-1).nonzero()[0, 0])
+        row = self.rows[r]
+        if row.sources and row.location is not None and row.patch_layer is not None:
+            hook_name = row.location.site.hook_name(row.patch_layer)
+            raise overflow_error(row.strength, mapping_name(row.mapping), hook_name, logits.dtype, downstream=True)
+        raise ModelLoadError(
+            f"model={self.model.name!r} computes NaN/inf logits for an unpatched {len(row.target_ids)}-token prompt "
+            f"(step {self.step}): its weights overflow in {self.model.dtype}. Allowed: a model whose own forward stays finite."
+        )
 
     def finished(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         """generate's stopping criterion: the rows this processor has finished."""
