@@ -17,10 +17,11 @@ examples: $(STAMP)
 	$(BIN)/python -m pytest example_suites $(ARGS)
 
 # Tests by cost (markers that tests/conftest.py gives every test: unit, tiny, real, pytester, slow).
-# `make test` runs the whole suite on WORKERS xdist workers (each loads the models it needs once);
-# `make test-fast` is the inner loop: no default model, no pytest sessions, no slow matrices.
+# `make test` runs the whole suite on WORKERS xdist workers (each loads the models it needs once),
+# the most expensive first; `make test-fast` is the inner loop: no default model, no pytest
+# sessions, no slow matrices. tests/conftest.py defines loadscope's scopes (xdist_scope).
 WORKERS ?= 2
-XDIST := -n $(WORKERS) --dist load
+XDIST := -n $(WORKERS) --dist loadscope --no-loadscope-reorder
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(XDIST) $(ARGS)

@@ -26,7 +26,9 @@ The protocol, as in the paper and its released code (`attribute_extraction.ipynb
 - Patchscope accuracy at source layer l: the share of datapoints that some l* hits; the table
   reports mean +- std over source layers, per task;
 - the probe baseline: a logistic regression per source layer on the subject's last-token state
-  (captured by the engine's own pass, the very vectors that are patched), 3-fold cross-validated,
+  (captured by the engine's own pass, the very vectors that are patched), 3-fold cross-validated
+  with a fact's sentences in one fold (the probe names objects of facts it never saw, as the
+  zero-shot Patchscope does; a probe whose folds mix a fact's sentences is reported beside it),
   classes = the task's distinct objects; tasks with fewer than 15 datapoints are left out of the
   comparison; a paired t-test over source layers, Bonferroni-corrected over the tasks compared.
 
@@ -365,7 +367,11 @@ class TaskResult:
     hit_rate: list[list[float]]
     """hit_rate[a][b]: the share of datapoints hit at (layers[a], target_layers[b])."""
     probe: list[float] | None = None
-    """Per source layer: the probe's cross-validated accuracy; None when the task has too few datapoints."""
+    """Per source layer: the probe's accuracy on held-out facts (3 folds by fact; see `probe_accuracy`);
+    None when the task has too few datapoints (or facts)."""
+    probe_by_sentence: list[float] | None = None
+    """The same probe with folds that mix a fact's sentences: it can learn which subject it sees
+    (up to 5 sentences a fact), so it reads as an upper bound; not used in the statistics."""
     clean_generation: str = ""
     """T's own continuation, unpatched (the literal placeholder x): a control, not part of the score."""
     clean_hits: int = 0
@@ -391,11 +397,11 @@ class TaskResult:
 
     @property
     def probe_mean(self) -> float | None:
-        return None if self.probe is None else _mean(self.probe)
+        return _maybe_mean(self.probe)
 
     @property
     def probe_std(self) -> float | None:
-        return None if self.probe is None else _std(self.probe)
+        return _maybe_std(self.probe)
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -408,6 +414,14 @@ def _std(values: Sequence[float]) -> float:
         return math.nan
     mean = _mean(values)
     return math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+
+
+def _maybe_mean(values: Sequence[float] | None) -> float | None:
+    return None if values is None else _mean(values)
+
+
+def _maybe_std(values: Sequence[float] | None) -> float | None:
+    return None if values is None else _std(values)
 
 
 def _pct(mean: float | None, std: float | None) -> str:
@@ -450,6 +464,7 @@ class AttributeReport:
             entry.update(
                 patchscope_mean=result.patchscope_mean, patchscope_std=result.patchscope_std,
                 probe_mean=result.probe_mean, probe_std=result.probe_std, excluded=result.excluded,
+                probe_by_sentence_mean=_maybe_mean(result.probe_by_sentence),
                 paper_gptj=paper_numbers(result.task),
             )
         return json.dumps(_finite(data), indent=1, ensure_ascii=False)
@@ -463,13 +478,14 @@ class AttributeReport:
             f"{self.max_new_tokens} new tokens, greedy, only the prompt pass patched; "
             f"hit = the paper's rule (match={self.match!r}). Accuracy per source layer: a datapoint counts if any "
             f"target layer hits; mean ± std (%) over source layers. Probe: logistic regression on the subject's "
-            f"last-token state, {CV_FOLDS}-fold cross-validated. ** p < 1e-5, * p < 1e-4 (paired t-test over source "
+            f"last-token state, {CV_FOLDS}-fold cross-validated on held-out facts (\"sentence folds\": folds that mix a "
+            f"fact's sentences, so the probe may recognise the subject). ** p < 1e-5, * p < 1e-4 (paired t-test over source "
             f"layers, Bonferroni over {len(self.compared)} tasks), on the better side.\n"
         )
         lines = [
             head,
-            "| Task | Probe | Patchscope | # datapoints | # classes | GPT-J probe (paper) | GPT-J Patchscope (paper) |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| Task | Probe | Patchscope | # datapoints | # classes | Probe, sentence folds | GPT-J probe (paper) | GPT-J Patchscope (paper) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for t in self.compared:
             mark_probe = t.significance.split(" ")[0] if t.significance.endswith("probe") else ""
@@ -483,7 +499,8 @@ class AttributeReport:
                 paper_ps = f"{paper['patchscope_mean']:.2f} (Table 5)"
             lines.append(
                 f"| {t.task} | {_pct(t.probe_mean, t.probe_std)}{mark_probe} | {_pct(t.patchscope_mean, t.patchscope_std)}{mark_ps} "
-                f"| {t.datapoints} | {t.classes} | {paper_probe} | {paper_ps} |"
+                f"| {t.datapoints} | {t.classes} | {_pct(_maybe_mean(t.probe_by_sentence), _maybe_std(t.probe_by_sentence))} "
+                f"| {paper_probe} | {paper_ps} |"
             )
         few = [t for t in self.tasks if t.excluded]
         if few:
@@ -554,28 +571,37 @@ def _paper_extra(what: str) -> None:
         raise ReportError(f"{what} needs scikit-learn and scipy, which are not installed. Install them with: {PAPER_INSTALL_HINT}") from exc
 
 
-def probe_accuracy(features: "np.ndarray", labels: Sequence[str], *, folds: int = CV_FOLDS, seed: int = 0) -> float:
+def probe_accuracy(
+    features: "np.ndarray", labels: Sequence[str], groups: Sequence[str] | None = None, *, folds: int = CV_FOLDS, seed: int = 0
+) -> float:
     """Out-of-fold accuracy of a logistic-regression probe (standardised features) predicting
     `labels` from `features` ((n, d)): every datapoint is predicted once, by a probe fitted on the
-    other folds. Folds are stratified by class where some class has `folds` members, else plain;
-    a training fold with one class predicts that class."""
+    other folds. With `groups` (the fact of each datapoint) a fact's sentences stay in one fold, so
+    the probe names the object of facts it never saw (stratified by class as far as the groups
+    allow); without, folds are stratified by class where some class has `folds` members, else
+    plain. A training fold with one class predicts that class."""
     import numpy as np
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import KFold, StratifiedKFold
+    from sklearn.model_selection import KFold, StratifiedGroupKFold, StratifiedKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     y = np.asarray(labels)
     if len(y) < folds:
         raise ProbeConfigError("labels", len(y), f"at least {folds} datapoints for {folds}-fold cross-validation")
+    if groups is not None and len(set(groups)) < folds:
+        raise ProbeConfigError("groups", len(set(groups)), f"at least {folds} facts for {folds}-fold cross-validation held out by fact")
     _, counts = np.unique(y, return_counts=True)
-    splitter = (StratifiedKFold if counts.max() >= folds else KFold)(n_splits=folds, shuffle=True, random_state=seed)
+    if groups is not None:
+        splits = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(features, y, np.asarray(groups))
+    else:
+        splits = (StratifiedKFold if counts.max() >= folds else KFold)(n_splits=folds, shuffle=True, random_state=seed).split(features, y)
     correct = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         warnings.filterwarnings("ignore", message="The least populated class")
-        for train, test in splitter.split(features, y):
+        for train, test in splits:
             classes = np.unique(y[train])
             if len(classes) == 1:
                 predicted = np.full(len(test), classes[0])
@@ -758,11 +784,14 @@ def evaluate_attribute(
             hit_rate=run.hits.mean(axis=0).tolist(), clean_generation=run.clean_generation,
             clean_hits=sum(paper_hit(run.clean_generation, o) for o in objects),
         )
-        if probe and len(points) >= MIN_DATAPOINTS:
-            result.probe = [probe_accuracy(run.features[layer], objects) for layer in chosen]
+        facts = [d.sample_id for d in points]
+        if probe and len(points) >= MIN_DATAPOINTS and len(set(facts)) >= CV_FOLDS:
+            result.probe = [probe_accuracy(run.features[layer], objects, facts) for layer in chosen]
+            result.probe_by_sentence = [probe_accuracy(run.features[layer], objects) for layer in chosen]
             lap("probe")
         elif probe:
-            result.note = f"{len(points)} datapoints < {MIN_DATAPOINTS}: no probe, not compared (as in the paper)"
+            result.note = (f"{len(points)} datapoints of {len(set(facts))} facts (fewer than {MIN_DATAPOINTS} datapoints or "
+                           f"{CV_FOLDS} facts): no probe, not compared (as in the paper)")
         results.append(result)
         for k, d in enumerate(points):
             for a, layer in enumerate(chosen):
@@ -831,7 +860,9 @@ def plot_layers(report: AttributeReport, path: str | Path) -> Path:
     for k, (t, ax) in enumerate(panels):
         ax.plot(t.layers, t.patchscope, color="tab:blue", marker="o", markersize=3, label="Patchscope")
         if t.probe is not None:
-            ax.plot(t.layers, t.probe, color="tab:orange", marker="s", markersize=3, label="probe")
+            ax.plot(t.layers, t.probe, color="tab:orange", marker="s", markersize=3, label="probe (held-out facts)")
+        if t.probe_by_sentence is not None:
+            ax.plot(t.layers, t.probe_by_sentence, color="tab:orange", linestyle=":", linewidth=1, label="probe (sentence folds)")
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(f"{t.task} (n={t.datapoints})", fontsize="small")
         ax.set_xlabel("source layer l", fontsize="small")

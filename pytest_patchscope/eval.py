@@ -295,6 +295,11 @@ def lens_logits(model: "PatchscopeModel", hidden: "torch.Tensor") -> "torch.Tens
     import torch
 
     with torch.no_grad():
+        if model.bridge is None:
+            raise ProbeConfigError(
+                "model", model.name, "a model on the packed path: the logit lens reads TransformerLens' ln_final and unembed, "
+                f"and {model.name!r} runs on the general path (no bridge: {model.path_reason})",
+            )
         return model.bridge.unembed(model.bridge.ln_final(hidden.to(model.device))).float()
 
 

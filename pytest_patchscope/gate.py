@@ -502,7 +502,7 @@ class Gate:
         if baseline.dtype and dtypes:
             lines.append(
                 f"the baseline was recorded in {baseline.dtype}, this run is in {', '.join(dtypes)}: tokens whose top two "
-                "logits are near-tied can flip between dtypes (README: Dtypes)"
+                "logits are near-tied can flip between dtypes (docs/architectures.md, Dtypes)"
             )
         return lines
 

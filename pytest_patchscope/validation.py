@@ -155,9 +155,13 @@ def parse_layers(spec: Any, n_layers: int, field_name: str = "layers") -> list[i
 
 
 def describe_layers(layers: Iterable[int]) -> str:
-    """[0, 1, 2, 5, 7, 8] -> '0-2,5,7-8'."""
+    """[0, 1, 2, 5, 7, 8] -> '0-2,5,7-8'; an even stride, [0, 2, 4, 6] -> '0-6:2' (what parse_layers reads back)."""
+    ordered = sorted(layers)
+    steps = {b - a for a, b in zip(ordered, ordered[1:])}
+    if len(ordered) >= 3 and len(steps) == 1 and min(steps) > 1:
+        return f"{ordered[0]}-{ordered[-1]}:{steps.pop()}"
     parts: list[list[int]] = []
-    for layer in sorted(layers):
+    for layer in ordered:
         if parts and parts[-1][1] == layer - 1:
             parts[-1][1] = layer
         else:

@@ -74,6 +74,40 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(_ExpensiveFirst(), "patchscope-tests-expensive-first")
 
 
+# ---- xdist: `make test` runs --dist loadscope, with the scopes below ------------------------------
+# (pytest 9 derives a node id from its parents, so --dist loadgroup's xdist_group suffix no longer
+# groups anything). A scope is one work unit, run on one worker; xdist knows only node ids here.
+ONE_WORKER_MODULES = frozenset({"tests/test_ci_gate_e2e.py", "tests/test_eval.py"})
+"""Modules whose module-scoped fixtures load or build a model (the damaged default checkpoint,
+a report on the default model): built once, on one worker."""
+
+
+def xdist_scope(nodeid: str) -> str:
+    """A documentation page (its examples share one namespace, in order) or a module of
+    ONE_WORKER_MODULES as a whole; the tests of one module with the same parameters together (so a
+    module-scoped parametrized fixture, e.g. one family's model in test_families.py, is built once);
+    any other test alone, so that the two workers stay evenly loaded."""
+    path, _, name = nodeid.partition("::")
+    if path.endswith(".md") or path in ONE_WORKER_MODULES:
+        return path
+    if "[" in name:
+        return f"{path}::[{name.split('[', 1)[1]}"
+    return nodeid
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class CostScopes(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_scope(nodeid)
+
+    return CostScopes(config, log)
+
+
 @contextlib.contextmanager
 def _cheap_means_cheap(item: pytest.Item) -> Iterator[None]:
     """A unit or tiny test that loads weights from the dequantized default model (say through a

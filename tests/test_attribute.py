@@ -32,7 +32,7 @@ from pytest_patchscope.engine.results import check_match, contains, match_rule
 from pytest_patchscope.engine.runner import run_unpatched
 from pytest_patchscope.errors import ProbeConfigError, ReportError
 from pytest_patchscope.eval import main
-from pytest_patchscope.validation import parse_layers
+from pytest_patchscope.validation import describe_layers, parse_layers
 
 import hf_reference as ref
 
@@ -152,6 +152,8 @@ def test_spread_takes_one_sentence_per_fact_first_and_keeps_file_order():
 
 def test_layer_choices_take_a_step():
     assert parse_layers("0-29:2", 30) == list(range(0, 30, 2))
+    assert describe_layers(range(0, 30, 2)) == "0-28:2" and describe_layers([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert describe_layers([3, 5]) == "3,5" and parse_layers(describe_layers([4, 8, 12]), 30) == [4, 8, 12]
     assert parse_layers("0-3,10-20:5", 30) == [0, 1, 2, 3, 10, 15, 20]
     for bad in ("0-30", "5-2", "0-9:0", "0-9:x"):
         with pytest.raises(ProbeConfigError, match="target_layers="):
@@ -211,6 +213,22 @@ def test_probe_accuracy_is_out_of_fold():
     assert probe_accuracy(rng.normal(size=(30, 8)), unique) == 0.0
     with pytest.raises(ProbeConfigError, match="at least 3 datapoints"):
         probe_accuracy(noise[:2], labels[:2])
+
+
+def test_a_probe_held_out_by_fact_cannot_just_recognise_the_subject():
+    """Five sentences per fact, each fact its own object (like capitals): a probe whose folds mix a
+    fact's sentences learns which subject it sees; held out by fact it has never seen the object."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    facts = [f"f{k}" for k in range(12) for _ in range(5)]
+    subject = {f: rng.normal(size=16) * 4 for f in set(facts)}
+    features = np.stack([subject[f] + rng.normal(size=16) * 0.2 for f in facts])
+    objects = [f"capital of {f}" for f in facts]
+    assert probe_accuracy(features, objects) > 0.9
+    assert probe_accuracy(features, objects, facts) == 0.0
+    with pytest.raises(ProbeConfigError, match="groups=2 is not valid: at least 3 facts"):
+        probe_accuracy(features[:10], objects[:10], facts[:10])
 
 
 def test_statistics_mark_the_better_side_after_bonferroni():
@@ -311,7 +329,7 @@ def test_probe_and_statistics_run_at_15_datapoints(tiny_llama, tiny_data, tmp_pa
     scope = Patchscope(tiny_llama, progress=False)
     report = evaluate_attribute(scope, data, layers=[0, 1, 3], target_layers=[0], probe=True, plot=False, out=tmp_path)
     (task,) = report.tasks
-    assert task.datapoints == 18 and not task.excluded and len(task.probe) == 3
+    assert task.datapoints == 18 and not task.excluded and len(task.probe) == len(task.probe_by_sentence) == 3
     assert report.compared == [task] and (task.p_value is None or 0 <= task.p_value <= 1)
     assert "| country_capital_city |" in report.to_markdown()
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pytest_patchscope import models
 from pytest_patchscope.errors import ProbeConfigError
+from pytest_patchscope.model import loading as models
 
 
 @pytest.fixture

@@ -110,8 +110,8 @@ def _row_bytes(model: "PatchscopeModel", width: int, new_tokens: int) -> int:
 
 def _batches(model: "PatchscopeModel", rows: Sequence[Row], budget: float) -> list[list[int]]:
     """Row indices in batches: one prompt length per batch unless the family pads exactly (one row
-    per batch for a family in UNBATCHED), and each batch's estimated memory under `budget` bytes (a row that alone needs more is a
-    ProbeConfigError, raised before anything runs)."""
+    per batch for a family in UNBATCHED), each batch's estimated memory under `budget` bytes (a
+    row that alone needs more is a ProbeConfigError, raised before anything runs)."""
     model_type = str(getattr(model.hf.config, "model_type", ""))
     padded = model_type in PADDED_BATCHES
     groups: dict[int, list[int]] = {}
@@ -239,12 +239,13 @@ class _Choices:
         import torch
 
         logits, rows, model = self.logits, self.rows, self.model
-        if not bool(torch.isfinite(logits.sum())):
-            self._refuse_non_finite(logits)
+        active = [r for r in range(len(rows)) if not self.done[r] or self.step == 0]
+        if not bool(torch.isfinite(logits[active].sum())):
+            self._refuse_non_finite(logits, active)
         if self.step == 0:
             self.generators = [row_generator(row.decoding, row.sample, logits.device) for row in rows]
             self.scores = [first_step_scores(logits[r], row.score_ids) for r, row in enumerate(rows)]
-        active = [r for r in range(len(rows)) if not self.done[r]]
+            active = [r for r in active if not self.done[r]]
         plain = any(not rows[r].forced and not rows[r].decoding.processes_logits for r in active)
         best = logits.argmax(dim=-1).tolist() if plain else []
         logprobs = torch.log_softmax(logits, dim=-1) if any(rows[r].forced for r in active) else None
@@ -282,16 +283,16 @@ class _Choices:
         only[torch.arange(len(rows), device=scores.device), torch.tensor(chosen, device=scores.device)] = 0.0
         return only
 
-    def _refuse_non_finite(self, logits: Any) -> None:
+    def _refuse_non_finite(self, logits: Any, active: list[int]) -> None:
         """NaN/inf logits would pass for a verdict: a patch that drives the layers after it there is a
         ProbeConfigError; a row without a patch means the model itself overflows (a ModelLoadError)."""
         import torch
 
-        r = int((~torch.isfinite(logits)).any(dim=-1).nonzero()[0, 0])
-        row = self.rows[r]
+        row = self.rows[next(r for r in active if not bool(torch.isfinite(logits[r]).all()))]
         if row.sources and row.location is not None and row.patch_layer is not None:
             hook_name = row.location.site.hook_name(row.patch_layer)
-            raise overflow_error(row.strength, mapping_name(row.mapping), hook_name, logits.dtype, downstream=True)
+            dtype = next(self.model.hf.parameters()).dtype
+            raise overflow_error(row.strength, mapping_name(row.mapping), hook_name, dtype, downstream=True)
         raise ModelLoadError(
             f"model={self.model.name!r} computes NaN/inf logits for an unpatched {len(row.target_ids)}-token prompt "
             f"(step {self.step}): its weights overflow in {self.model.dtype}. Allowed: a model whose own forward stays finite."

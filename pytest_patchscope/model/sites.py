@@ -135,7 +135,7 @@ def locate_site(model: "PatchscopeModel", site: Any, layer: int | None = None) -
         attn, mlp = _component(blocks, "attn"), _component(blocks, "mlp")
         projection = _component(attn, "o") if attn is not None else None
         down = _component(mlp, "out") if mlp is not None else None
-        layer = model.plain_layers[0]
+        block = model.plain_layers[0]
         location = None
         if kind.name == "attn_out" and projection is not None:
             post = _component(blocks, "ln1_post")  # Gemma 2/3, OLMo 2/3 normalise the output before adding it
@@ -147,10 +147,10 @@ def locate_site(model: "PatchscopeModel", site: Any, layer: int | None = None) -
                 location = SiteLocation(kind, path, "output", (d_model,))
         elif kind.name == "neurons" and down is not None:
             path = _join(mlp.name, down.name)
-            location = SiteLocation(kind, path, "input", (input_width(layer.get_submodule(path)),))
+            location = SiteLocation(kind, path, "input", (input_width(block.get_submodule(path)),))
         elif kind.name == "heads" and projection is not None:
             path = _join(attn.name, projection.name)
-            width, heads = input_width(layer.get_submodule(path)), int(model.bridge.cfg.n_heads)
+            width, heads = input_width(block.get_submodule(path)), int(model.bridge.cfg.n_heads)
             if heads > 0 and width % heads == 0:
                 location = SiteLocation(kind, path, "input", (heads, width // heads))
         if location is None:
