@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from pytest_patchscope.errors import ProbeConfigError
 from pytest_patchscope.model.sites import DEFAULT_SITE, SITES, check_site_name, locate_site
 from pytest_patchscope.probes.probe import Probe, Substring
-from pytest_patchscope.validation import check_int, check_layer
+from pytest_patchscope.validation import as_int, check_layer
 
 if TYPE_CHECKING:
     import torch
@@ -79,7 +79,8 @@ def units(model: Any, site: str = DEFAULT_SITE, max_size: int = 4) -> st.SearchS
     """None (all units) or a sorted tuple of distinct unit indices of `site`, shrinking toward None."""
     check_site_name("site", site)
     n_units = locate_site(_model_of(model), site).n_units
-    check_int("max_size", max_size, 1, n_units, hint=f"Site {site!r} has {n_units} {SITES[site].units_are}.")
+    if as_int(max_size) is None or not 1 <= max_size <= n_units:
+        raise ProbeConfigError("max_size", max_size, f"an int from 1 to {n_units} (site {site!r} has {n_units} {SITES[site].units_are})")
     subsets = st.lists(st.integers(0, n_units - 1), min_size=1, max_size=max_size, unique=True).map(lambda u: tuple(sorted(u)))
     return st.one_of(st.none(), subsets)
 

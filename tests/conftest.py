@@ -156,12 +156,19 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
 # Inner pytester sessions and pytest subprocesses inherit that and would behave as xdist workers
 # (no baseline written, no progress bar): each test starts from a plain, non-worker environment.
 XDIST_ENVIRONMENT = ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID")
+USER_CACHE = cache_root()
+"""The model cache as this session started. pytester points HOME at a new folder, where an inner
+run would dequantize the default model again (~30 s of CPU and 0.5 GB written, per test)."""
 
 
 @pytest.fixture(autouse=True)
-def _not_an_xdist_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+def _plain_environment(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No xdist worker's variables; pytest sessions (pytester class) use the session's model cache
+    (a test that sets PATCHSCOPE_CACHE_DIR itself still wins: its fixtures and body run later)."""
     for name in XDIST_ENVIRONMENT:
         monkeypatch.delenv(name, raising=False)
+    if cost_class(request.node) == "pytester":
+        monkeypatch.setenv("PATCHSCOPE_CACHE_DIR", str(USER_CACHE))
 
 
 @pytest.fixture(scope="session")

@@ -23,8 +23,6 @@ import pytest
 import torch
 import transformer_lens.model_bridge  # noqa: F401  (see test_plugin.py: import outside pytester runs)
 
-from pytest_patchscope.model.loading import cache_root
-
 pytest_plugins = ["pytester"]
 
 # Logs, from whichever process runs it, each model load, each Gate.finish and each baseline write,
@@ -114,12 +112,6 @@ def rootdir_here(pytester, monkeypatch):
     pytester.makeini("[pytest]\n")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-
-
-@pytest.fixture(scope="session")
-def user_cache() -> Path:
-    """The real model cache, resolved before pytester points HOME at a temporary directory."""
-    return cache_root()
 
 
 @contextlib.contextmanager
@@ -229,8 +221,8 @@ def test_capital(patchscope, country, capital):
 '''
 
 
-def test_n2_matches_n0_on_the_default_model(pytester, user_cache, monkeypatch):
-    monkeypatch.setenv("PATCHSCOPE_CACHE_DIR", str(user_cache))
+def test_n2_matches_n0_on_the_default_model(pytester):
+    """The default model from the session's cache (tests/conftest.py sets PATCHSCOPE_CACHE_DIR for pytester runs)."""
     pytester.makepyfile(
         test_europe=REAL_TEST.format(pairs=[("France", "Paris")]),
         test_asia=REAL_TEST.format(pairs=[("Japan", "Tokyo")]),
