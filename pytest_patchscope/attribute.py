@@ -363,7 +363,7 @@ class TaskResult:
     layers: list[int]
     target_layers: list[int]
     patchscope: list[float]
-    """Per source layer: the share of datapoints that some target layer hits."""
+    """Per source layer: the share of datapoints that some target layer hits (empty: no datapoint)."""
     hit_rate: list[list[float]]
     """hit_rate[a][b]: the share of datapoints hit at (layers[a], target_layers[b])."""
     probe: list[float] | None = None
@@ -502,6 +502,8 @@ class AttributeReport:
                 f"| {t.datapoints} | {t.classes} | {_pct(_maybe_mean(t.probe_by_sentence), _maybe_std(t.probe_by_sentence))} "
                 f"| {paper_probe} | {paper_ps} |"
             )
+        if not self.compared:
+            lines[1:] = [f"No task has {MIN_DATAPOINTS} datapoints the model knows: nothing to compare with the probe."]
         few = [t for t in self.tasks if t.excluded]
         if few:
             lines += [
@@ -527,7 +529,7 @@ class AttributeReport:
         """The table as the CLI prints it."""
         lines = [f"{'task':<32} {'probe':>11} {'patchscope':>11} {'datapoints':>10} {'classes':>7}"]
         for t in self.tasks:
-            probe = "(too few)" if t.excluded else _pct(t.probe_mean, t.probe_std)
+            probe = "(none known)" if not t.datapoints else "(too few)" if t.excluded else _pct(t.probe_mean, t.probe_std)
             ps = _pct(t.patchscope_mean, t.patchscope_std) + (f" {t.significance}" if t.significance else "")
             lines.append(f"{t.task:<32} {probe:>11} {ps:>11} {t.datapoints:>10} {t.classes:>7}")
         return "\n".join(lines)
@@ -770,7 +772,7 @@ def evaluate_attribute(
         if not points:
             notes.append(f"{task.name}: the model knows none of its {task.counts['facts']} facts; nothing to patch.")
             results.append(TaskResult(task.name, task.datapoints[0].target if task.datapoints else "", task.counts, 0, 0, chosen, into,
-                                      [0.0] * len(chosen), [[0.0] * len(into) for _ in chosen], note="no known fact"))
+                                      [], [], note="no known fact"))
             continue
         log(f"{task.name}: {len(points) * len(chosen) * len(into)} probes in jobs of {chunk} datapoints")
         with progress_label(task.name):

@@ -310,7 +310,8 @@ def test_cli_writes_samples_tables_and_figures(tiny_llama, tiny_llama_dir, tiny_
     assert task["probe"] is None and task["excluded"] is True  # 12 datapoints < 15
     assert task["hit_rate"][0] == [sum(s["hit"] for s in samples if (s["layer"], s["target_layer"]) == (0, t)) / 12 for t in (0, 2)]
     markdown = (out / "attribute.md").read_text(encoding="utf-8")
-    assert "| Task | Probe | Patchscope | # datapoints | # classes |" in markdown
+    # No task reaches 15 datapoints: no empty comparison table, a sentence that says so.
+    assert "| Task | Probe |" not in markdown and "No task has 15 datapoints the model knows" in markdown
     assert "Fewer than 15 datapoints" in markdown and "country_capital_city (12;" in markdown  # 12 < 15: no probe
     for png in ("attribute_layers.png", "attribute_heatmaps.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -17,7 +17,7 @@ from pytest_patchscope.errors import EngineError, ProbeConfigError
 from pytest_patchscope.scope import Patchscope
 
 import hf_reference as ref
-from conftest import active_hooks
+from conftest import active_hooks, tiny_hf_model
 
 SOURCES = ["The capital of France is", "Tokyo", "A much longer source prompt about the history of the Roman empire"]
 TARGETS = [
@@ -245,9 +245,14 @@ def test_last_layer_state_is_pre_final_norm(tiny_llama):
     ids = tiny_llama.tokenize("The capital of France is")
     last = tiny_llama.n_layers - 1
     captured = Engine(tiny_llama).capture(ids, -1, [last])[last]
+    # A plain HF twin (the same seed, so the same weights), not the bridged model: transformers'
+    # output recorders live on the layers and are installed once, so the shared session model is no reference.
+    plain = tiny_hf_model("llama", len(tiny_llama.tokenizer))
     with torch.no_grad():
-        post_norm = tiny_llama.hf(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1]
-    assert torch.allclose(captured, ref.source_state(tiny_llama.hf, ids, len(ids) - 1, last), atol=1e-5)
+        post_norm = plain(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1]
+        pre_norm = ref.source_state(plain, ids, len(ids) - 1, last)
+        assert torch.allclose(post_norm, plain.model.norm(pre_norm), atol=1e-5)
+    assert torch.allclose(captured, pre_norm, atol=1e-5)
     assert not torch.allclose(captured, post_norm, atol=1e-3)
 
 
