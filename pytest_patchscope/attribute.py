@@ -54,6 +54,7 @@ from pytest_patchscope.engine.runner import DEFAULT_BATCH_MEMORY_MB, run_probes,
 from pytest_patchscope.errors import PatchscopeError, ProbeConfigError, ReportError
 from pytest_patchscope.model.sites import DEFAULT_SITE
 from pytest_patchscope.progress import ProgressLog, progress_label
+from pytest_patchscope.reports.summary import json_safe
 from pytest_patchscope.validation import check_int, closest, describe_layers, parse_layers
 
 if TYPE_CHECKING:
@@ -467,7 +468,7 @@ class AttributeReport:
                 probe_by_sentence_mean=_maybe_mean(result.probe_by_sentence),
                 paper_gptj=paper_numbers(result.task),
             )
-        return json.dumps(_finite(data), indent=1, ensure_ascii=False)
+        return json.dumps(json_safe(data), indent=1, ensure_ascii=False)
 
     def to_markdown(self) -> str:
         head = (
@@ -537,17 +538,6 @@ class AttributeReport:
 
 def _mark(significance: str, side: str) -> str:
     return significance.split(" ")[0] if significance.endswith(side) else ""
-
-
-def _finite(value: Any) -> Any:
-    """NaN/inf as null, so the JSON file is standard JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 def paper_numbers(task: str) -> dict[str, Any] | None:
@@ -871,8 +861,11 @@ def plot_layers(report: AttributeReport, path: str | Path) -> Path:
         ax.grid(alpha=0.3)
         if k == 0:
             ax.set_ylabel("accuracy")
-            ax.legend(fontsize="x-small")
-    fig.suptitle(f"Attribute extraction by source layer: {report.model} (any target layer {describe_layers(report.target_layers)})",
+    # One legend for the figure, from the panel that drew the most lines (a task without a probe draws one).
+    fullest = max((ax for _, ax in panels), key=lambda ax: len(ax.get_lines()), default=None)
+    if fullest is not None:
+        fig.legend(*fullest.get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize="small")
+    fig.suptitle(f"Attribute extraction by source layer\n{report.model}, any target layer {describe_layers(report.target_layers)}",
                  fontsize="medium")
     return _save(fig, Path(path))
 
@@ -891,7 +884,7 @@ def plot_heatmaps(report: AttributeReport, path: str | Path) -> Path:
         ax.set_title(f"{t.task} (n={t.datapoints})", fontsize="small")
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), label="hit rate", shrink=0.8)
-    fig.suptitle(f"Attribute extraction hit rate, l x l*: {report.model}", fontsize="medium")
+    fig.suptitle(f"Attribute extraction hit rate, l x l*\n{report.model}", fontsize="medium")
     return _save(fig, Path(path))
 
 

@@ -29,6 +29,11 @@ class Family:
     features: str
     """Positions; attention; MLP; embeddings: what this family adds to the matrix."""
     extra: dict[str, Any] = field(default_factory=dict)
+    drawn: tuple[str, ...] = ()
+    """Weights (name endings) drawn here as N(0, 0.06), what the scaling below makes of the usual
+    N(0, 0.02): ones the family's own init sets to zero (xLSTM's feed-forward gate, without which a
+    fresh model's MLPs output nothing), and 3-D expert tensors, which the scaling leaves out, where
+    experts are a family's only MLPs (MiniMax): else no patch of an MLP output could change the text."""
 
     def build(self, seed: int = 0) -> Any:
         import transformers
@@ -39,8 +44,10 @@ class Family:
         model.config.architectures = [type(model).__name__]
         # Scale up the weights a little so that greedy decoding is not one repeated token.
         with torch.no_grad():
-            for p in model.parameters():
-                if p.ndim == 2:
+            for name, p in model.named_parameters():
+                if self.drawn and name.endswith(self.drawn):
+                    p.normal_(0.0, 0.06)
+                elif p.ndim == 2:
                     p.mul_(3.0)
         return model.eval()
 
@@ -137,6 +144,26 @@ GENERAL = [
     Family("olmo_hybrid", "OlmoHybridConfig", "gated delta-net and post-norm attention layers",
            {"layer_types": ["linear_attention", "full_attention", "linear_attention"], "linear_num_key_heads": 2,
             "linear_num_value_heads": 2, "linear_key_head_dim": 16, "linear_value_head_dim": 32}),
+    Family("deepseek_v4", "DeepseekV4Config",
+           "2 hyper-connection residual streams; sliding, compressed-sparse (indexer) and heavily compressed attention; hash and routed experts",
+           {"layer_types": ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"],
+            "mlp_layer_types": ["hash_moe", "moe", "moe"], "compress_rates": {"compressed_sparse_attention": 4, "heavily_compressed_attention": WINDOW},
+            "sliding_window": WINDOW, "hc_mult": 2, "num_key_value_heads": 1, "head_dim": 16, "q_lora_rank": 32, "o_groups": 2,
+            "o_lora_rank": 16, "index_n_heads": 2, "index_head_dim": 16, "index_topk": 2, "n_routed_experts": 4,
+            "moe_intermediate_size": 32, **MOE}),
+    Family("kimi_linear", "KimiLinearConfig", "Kimi delta attention (linear) and latent (MLA) attention layers; dense and expert MLPs",
+           {"layer_types": ["linear_attention", "full_attention", "linear_attention"], "mlp_layer_types": ["dense", "sparse", "sparse"],
+            "linear_num_heads": 4, "linear_head_dim": 16, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
+            "v_head_dim": 16, "num_key_value_heads": 4, "num_experts": 4, "moe_intermediate_size": 32, **MOE}),
+    Family("minimax", "MiniMaxConfig", "lightning (linear, 8-token blocks) and full attention layers; mixture of experts",
+           {"layer_types": ["linear_attention", "full_attention", "linear_attention"], "block_size": WINDOW, "num_local_experts": 4,
+            "head_dim": 16, **MOE}, drawn=("experts.gate_up_proj", "experts.down_proj")),
+    Family("xlstm", "xLSTMConfig", "recurrent (mLSTM) layers scanned in 8-token chunks; gated MLP",
+           {"num_heads": 4, "chunk_size": WINDOW, "qk_dim_factor": 1.0}, drawn=("ffn.proj_up_gate.weight",)),
+    Family("lfm2_moe", "Lfm2MoeConfig", "short convolutions and attention layers; dense and expert MLPs",
+           {"layer_types": ["conv", "full_attention", "conv"], "num_dense_layers": 2, "num_experts": 4, "moe_intermediate_size": 32, **MOE}),
+    Family("zamba", "ZambaConfig", "Mamba layers and hybrid layers that share one attention block",
+           {"layers_block_type": ["hybrid", "mamba", "hybrid"], "n_mamba_heads": 2}),
 ]
 """Families the packed engine cannot run exactly: they run on the general path (their own forward
 and generate). Each mixes its layer kinds within 3-4 layers, with windows and chunks of 8 tokens."""

@@ -77,6 +77,13 @@ SUBMODULES = {
            if "Attention" in type(block.temporal_block).__name__ else {}),
     },
     "olmo_hybrid": lambda block: _POST_NORMED if hasattr(block, "self_attn") else _llama_like(attn=None, o=None),
+    # DeepSeek-V4: the heads enter its grouped output projection (o_a_proj) side by side; experts only.
+    "deepseek_v4": _llama_like(down=None, o="self_attn.o_a_proj"),
+    "kimi_linear": _llama_like(),  # both token mixers (delta and latent attention) are its self_attn, with an o_proj
+    "minimax": lambda block: _llama_like(down=None, o="self_attn.out_proj" if "Lightning" in type(block.self_attn).__name__ else "self_attn.o_proj"),
+    "xlstm": {"mlp_out": ("ffn", "output"), "neurons": ("ffn.proj_down", "input")},
+    "lfm2_moe": _llama_like(mlp="feed_forward", down="feed_forward.w2", o="self_attn.out_proj"),
+    "zamba": {},
 }
 """model_type -> {site: (submodule of the decoder layer, whether the site is its input or output)}, or a
 function of the decoder layer giving that (families whose layers differ by their token mixer)."""
@@ -116,7 +123,9 @@ def _hook(model, layer, site, edit):
         module = block.get_submodule(path)
 
     def apply(value):
-        flat = value.reshape(-1, value.shape[-1])
+        # One row per token: (batch, tokens, ...) -> (tokens, everything at a token), e.g. DeepSeek-V4's
+        # (1, tokens, hc_mult, d_model) residual streams side by side; a mixture of experts' (tokens, width) as it is.
+        flat = value.reshape(value.shape[0] * value.shape[1], -1) if value.dim() > 2 else value
         return edit(flat).reshape(value.shape)
 
     if side == "output":

@@ -254,11 +254,14 @@ def test_every_verified_family_is_in_the_matrix():
     assert sorted(general) == sorted(GENERAL_FAMILIES) and PADDED_BATCHES | UNBATCHED <= set(GENERAL_FAMILIES)
 
 
-@pytest.mark.parametrize(("name", "lengths"), [("rwkv", (6, 6)), ("recurrent_gemma", (6, 20))])
+@pytest.mark.parametrize(("name", "lengths"), [
+    ("rwkv", (6, 6)), ("recurrent_gemma", (6, 20)), ("xlstm", (6, 20)), ("deepseek_v4", (6, 20)), ("minimax", (6, 22)),
+])
 def test_where_transformers_batches_are_not_exact(name, lengths):
     """Why UNBATCHED and PADDED_BATCHES leave these out: transformers' own batched generate gives a
     row other tokens than the row alone (RWKV even for two prompts of one length; RecurrentGemma's
-    recurrence runs through left padding). If this starts to fail, they batch exactly now."""
+    and xLSTM's recurrences run through left padding, DeepSeek-V4's compressors pool it, MiniMax's
+    decoding steps attend to it). If this starts to fail, they batch exactly now."""
     import torch
 
     hf = next(f for f in GENERAL if f.name == name).build()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_patchscope import Probe
+from pytest_patchscope import Placeholder, Probe
 from pytest_patchscope.errors import ProbeConfigError
 from pytest_patchscope.model.loading import from_hf
 from pytest_patchscope.model.sites import available_sites, locate_site
@@ -138,3 +138,40 @@ def test_a_patch_that_drives_later_layers_to_nan_is_refused(tokenizer):
     with pytest.raises(ProbeConfigError, match=r"strength=1000(\.0)? is not valid: .*keeps the layers after it finite in torch.float32"):
         scope.run([Probe("Tokyo", "Short x", layer=0, strength=1000, mapping=lambda h: h * 1e30, max_new_tokens=3)])
     assert active_hooks(scope.model) == []
+
+
+T = "The capital city of x is"
+
+
+@pytest.fixture(scope="module")
+def overflowing_mamba(tokenizer) -> Patchscope:
+    """A Mamba whose layer 1 writes 3e38-scaled values: finite weights, NaN/inf from layer 1 on
+    (as tests/test_reliability.py's Llama on the packed path)."""
+    import torch
+
+    hf = next(f for f in GENERAL if f.name == "mamba").build()
+    with torch.no_grad():
+        hf.backbone.layers[1].mixer.out_proj.weight[:] = 3e38
+    return Patchscope(from_hf(hf, tokenizer, name="tiny-overflow"), progress=False)
+
+
+@pytest.mark.parametrize("call", [
+    pytest.param(lambda s: s.score("Tokyo", T, ["Paris", "London"], layer=0, target_position=-1), id="score"),
+    pytest.param(lambda s: s.generate("Tokyo", T, layer=0, target_position=Placeholder("x")), id="generate"),
+    pytest.param(lambda s: s.sweep("Tokyo", T, layers=[1], expect="Paris", target_position=-1), id="sweep-source-overflows"),
+    pytest.param(lambda s: s.sweep("Tokyo", T, layers=[2], target_layers=[0], clean=False, target_position=-1), id="grid-no-clean"),
+    pytest.param(lambda s: s.generate("Tokyo", T, layer=0, target_layer=2, strength=0.5, target_position=-1), id="target-overflows-there"),
+])
+def test_a_model_that_overflows_is_refused_naming_the_layer_as_on_the_packed_path(overflowing_mamba, call):
+    """D1 (shared/research/reliability-2026-12.md) on the general path: NaN/inf logits, a NaN source
+    value, or a NaN value where the patch goes, are the model's own overflow when a plain forward
+    overflows too: a ModelLoadError naming the layer it starts from, never the user's mapping or
+    strength, and no hook left behind (it is told once generate's hooks are gone)."""
+    from pytest_patchscope.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError) as info:
+        call(overflowing_mamba)
+    message = str(info.value)
+    assert "model='tiny-overflow'" in message and "from layer 1 on (the output of blocks.1)" in message
+    assert "before any patch" in message
+    assert active_hooks(overflowing_mamba.model) == []

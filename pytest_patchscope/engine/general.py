@@ -26,6 +26,7 @@ import math
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from pytest_patchscope.engine.decode import degeneration, first_step_scores, next_token, row_generator, token_rank
+from pytest_patchscope.engine.finite import finite, first_non_finite, model_overflow
 from pytest_patchscope.engine.resolve import apply_mapping
 from pytest_patchscope.engine.rows import Row, RowOutput, SourceStates, StateKey
 from pytest_patchscope.engine.streams import overflow_error
@@ -43,6 +44,16 @@ if TYPE_CHECKING:
 
 class _StopForward(Exception):
     """Raised by the hook after the highest layer a capture pass needs: nothing above it is computed."""
+
+
+class _NonFinite(Exception):
+    """Raised inside generate (by the logits processor, or by a patch writer whose clean value is
+    already NaN/inf) for batch row `row` at `step`; told once generate's hooks are gone, since telling
+    the model's own overflow from the patch's runs the model again (see `_non_finite_error`)."""
+
+    def __init__(self, row: int, step: int, hook_name: str = "") -> None:
+        super().__init__(row, step)
+        self.row, self.step, self.hook_name = row, step, hook_name
 
 
 def _value(args: tuple, kwargs: dict) -> Any:
@@ -73,12 +84,18 @@ def _hook(module: Any, side: str, edit: Callable[[Any], Any]) -> Any:
     return module.register_forward_pre_hook(before, with_kwargs=True)
 
 
-def _by_token(value: Any, batch: int) -> Any:
+def _by_token(value: Any, batch: int, location: SiteLocation, layer: int) -> Any:
     """A hooked value as (batch, tokens, width): a mixture of experts hands its MLP output over
-    flattened to (batch * tokens, width), a layer or projection as (batch, tokens, ...)."""
-    if value.dim() == 2:
-        return value.reshape(batch, -1, value.shape[-1])
-    return value.reshape(value.shape[0], value.shape[1], -1)
+    flattened to (batch * tokens, width), a layer or projection as (batch, tokens, ...) (DeepSeek-V4's
+    layers as (batch, tokens, hc_mult, d_model)). A width other than the site's is an EngineError:
+    a patch or a captured value would be cut or spread across tokens."""
+    flat = value.reshape(batch, -1, value.shape[-1]) if value.dim() == 2 else value.reshape(value.shape[0], value.shape[1], -1)
+    if flat.shape[-1] != location.width:
+        raise EngineError(
+            f"the value at {location.site.hook_name(layer)} ({location.path or 'the decoder layer'}'s {location.side}) holds "
+            f"{flat.shape[-1]} numbers per token, not the {location.width} of the site's shape {location.shape}"
+        )
+    return flat
 
 
 def _site_module(model: "PatchscopeModel", layer: int, location: SiteLocation) -> Any:
@@ -174,7 +191,7 @@ def _capture_batch(model: "PatchscopeModel", batch: list[tuple[int, ...]], reque
 
     def keeper(layer: int, location: SiteLocation, entries: list[tuple[int, StateKey]]) -> Callable[[Any], Any]:
         def keep(value: Any) -> Any:
-            flat = _by_token(value, len(batch))
+            flat = _by_token(value, len(batch), location, layer)
             for b, key in entries:
                 states.setdefault(key, {})[layer] = flat[b, key[1]].detach().clone().view(location.shape)
             return value
@@ -240,8 +257,8 @@ class _Choices:
 
         logits, rows, model = self.logits, self.rows, self.model
         active = [r for r in range(len(rows)) if not self.done[r] or self.step == 0]
-        if not bool(torch.isfinite(logits[active].sum())):
-            self._refuse_non_finite(logits, active)
+        if not finite(logits[active]):
+            raise _NonFinite(next(r for r in active if not finite(logits[r])), self.step)
         if self.step == 0:
             self.generators = [row_generator(row.decoding, row.sample, logits.device) for row in rows]
             self.scores = [first_step_scores(logits[r], row.score_ids) for r, row in enumerate(rows)]
@@ -283,21 +300,6 @@ class _Choices:
         only[torch.arange(len(rows), device=scores.device), torch.tensor(chosen, device=scores.device)] = 0.0
         return only
 
-    def _refuse_non_finite(self, logits: Any, active: list[int]) -> None:
-        """NaN/inf logits would pass for a verdict: a patch that drives the layers after it there is a
-        ProbeConfigError; a row without a patch means the model itself overflows (a ModelLoadError)."""
-        import torch
-
-        row = self.rows[next(r for r in active if not bool(torch.isfinite(logits[r]).all()))]
-        if row.sources and row.location is not None and row.patch_layer is not None:
-            hook_name = row.location.site.hook_name(row.patch_layer)
-            dtype = next(self.model.hf.parameters()).dtype
-            raise overflow_error(row.strength, mapping_name(row.mapping), hook_name, dtype, downstream=True)
-        raise ModelLoadError(
-            f"model={self.model.name!r} computes NaN/inf logits for an unpatched {len(row.target_ids)}-token prompt "
-            f"(step {self.step}): its weights overflow in {self.model.dtype}. Allowed: a model whose own forward stays finite."
-        )
-
     def finished(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         """generate's stopping criterion: the rows this processor has finished."""
         import torch
@@ -338,17 +340,21 @@ class _Passes:
 
 
 def _patch_writer(
-    entries: list[tuple[int, list[int], Any, Row]], written: dict[int, int], passes: _Passes, hook_name: str, batch: int,
+    entries: list[tuple[int, list[int], Any, Row]], written: dict[int, int], passes: _Passes, location: SiteLocation, layer: int,
+    batch: int,
 ) -> Callable[[Any], Any]:
     """The edit that writes `entries` (batch row, token positions in the padded prompt,
-    (len(positions), width) values, its row) into a value of `batch` rows wherever a pass computes
-    the prompt (see `_Passes`); refuses non-finite results. `written` counts the prompt pass's writes."""
+    (len(positions), width) values, its row) at `location` in `layer`, into a value of `batch` rows
+    wherever a pass computes the prompt (see `_Passes`); refuses non-finite results. `written`
+    counts the prompt pass's writes."""
     import torch
+
+    hook_name = location.site.hook_name(layer)
 
     def write(value: Any) -> Any:
         if not passes.writes:
             return value
-        flat = _by_token(value, batch).clone()
+        flat = _by_token(value, batch, location, layer).clone()
         # A layer that computes only the prompt's last tokens (see layers.last_token_layers) sees its end.
         shift = passes.width - flat.shape[1] if passes.prompt else 0
         for b, positions, vectors, row in entries:
@@ -361,6 +367,8 @@ def _patch_writer(
                 keep[list(columns)] = True
                 patched = torch.where(keep, patched, clean)
             if not torch.isfinite(patched).all():
+                if not finite(clean):  # the model's own value there is NaN/inf already: no patch is to blame
+                    raise _NonFinite(b, 0 if passes.prompt else passes.calls - 1, hook_name)
                 raise overflow_error(row.strength, mapping_name(row.mapping), hook_name, flat.dtype)
             flat[b, at] = patched
             if passes.prompt:
@@ -396,22 +404,28 @@ def _generate(
         choices.logits = output.logits[:, -1].float()
 
     handles = [model.plain.register_forward_pre_hook(passes.enter, with_kwargs=True)]
+    failed: _NonFinite | None = None
     try:
         for (layer, _), entries in by_site.items():
             location = entries[0][3].location
             assert location is not None  # only patched rows have entries
-            writer = _patch_writer(entries, written, passes, location.site.hook_name(layer), len(rows))
+            writer = _patch_writer(entries, written, passes, location, layer, len(rows))
             handles.append(_hook(_site_module(model, layer, location), location.side, writer))
         handles.append(model.plain.register_forward_hook(logits_of_step, with_kwargs=True))
         with torch.no_grad():
-            model.plain.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=None, do_sample=False, num_beams=1,
-                pad_token_id=pad, eos_token_id=None, logits_processor=[choices], stopping_criteria=[choices.finished],
-                repetition_penalty=None, no_repeat_ngram_size=None, use_cache=True,
-            )
+            try:
+                model.plain.generate(
+                    input_ids=ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=None, do_sample=False, num_beams=1,
+                    pad_token_id=pad, eos_token_id=None, logits_processor=[choices], stopping_criteria=[choices.finished],
+                    repetition_penalty=None, no_repeat_ngram_size=None, use_cache=True,
+                )
+            except _NonFinite as bad:
+                failed = bad
     finally:
         for handle in handles:
             handle.remove()
+    if failed is not None:  # told here, once generate's hooks are gone
+        raise _non_finite_error(model, rows[failed.row], choices.tokens[failed.row], failed) from None
     # A patch that is silently not written (or written twice) would pass for a probe that found nothing.
     for r, row in enumerate(rows):
         if row.sources and row.location is not None and row.patch_layer is not None and written.get(r, 0) != 1:
@@ -420,6 +434,38 @@ def _generate(
                 f"times in {model.name!r}'s prompt pass instead of once"
             )
     return choices.outputs()
+
+
+def _non_finite_error(model: "PatchscopeModel", row: Row, tokens: Sequence[int], bad: _NonFinite) -> Exception:
+    """Why a row's values went NaN/inf in generate, as the packed path tells it: a plain forward of the
+    model over the row's tokens so far (no patch) that overflows too is the model's doing (a
+    ModelLoadError naming the layer from which it does); otherwise the row's patch drives the layers
+    after it there (a ProbeConfigError naming its strength or mapping)."""
+    ids = (*row.target_ids, *tokens)
+    where = first_non_finite(model, ids)
+    if where is not None or bad.hook_name:
+        return model_overflow(model, ids, where or f"at {bad.hook_name}")
+    if row.sources and row.location is not None and row.patch_layer is not None:
+        hook_name = row.location.site.hook_name(row.patch_layer)
+        return overflow_error(row.strength, mapping_name(row.mapping), hook_name, next(model.hf.parameters()).dtype, downstream=True)
+    return ModelLoadError(
+        f"model={model.name!r} computes NaN/inf logits at step {bad.step} of its own generate for an unpatched "
+        f"{len(row.target_ids)}-token prompt, though a plain forward over the same tokens stays finite: its cached "
+        f"passes overflow in {model.dtype}. No result is reported. Allowed: a model whose generate stays finite; "
+        "load it in float32 if it runs in float16 or bfloat16."
+    )
+
+
+def _check_non_finite_sources(model: "PatchscopeModel", rows: Sequence[Row], states: SourceStates) -> None:
+    """A NaN/inf source value is the source model's own overflow (nothing is patched when it is
+    captured): a ModelLoadError naming where, before any mapping or patch could take the blame."""
+    for row in rows:
+        if row.location is None:
+            continue
+        for key in row.sources:
+            if not finite(states[key][row.source_layer]):
+                hook_name = row.location.site.hook_name(row.source_layer)
+                raise model_overflow(model if key[3] == "" else None, key[0], f"in the source state at {hook_name}")
 
 
 def _check_last_token_layers(model: "PatchscopeModel", rows: Sequence[Row]) -> None:
@@ -454,6 +500,7 @@ def run_rows(
                 wanted.setdefault(key, set()).add(row.source_layer)
     if wanted:
         capture_states(model, wanted, states, batch_memory_mb)
+    _check_non_finite_sources(model, rows, states)
     mapped: dict[int, Any] = {}
     vectors: list[Any] = []
     for k, row in enumerate(rows):

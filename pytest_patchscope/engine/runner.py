@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, cast
 
 from pytest_patchscope.engine import general
 from pytest_patchscope.engine.decode import degeneration, first_step_scores, next_token, row_generator, token_rank
+from pytest_patchscope.engine.finite import finite, first_non_finite, model_overflow
 from pytest_patchscope.engine.resolve import ResolvedProbe, apply_mapping, resolve_probe
 from pytest_patchscope.engine.results import PatchResult
 from pytest_patchscope.engine.rows import Row, RowOutput, SourceStates, StateKey, build_rows, family_roots, probe_result, source_model_key
@@ -36,7 +37,7 @@ from pytest_patchscope.engine.streams import (
     forward_streams,
     overflow_error,
 )
-from pytest_patchscope.errors import EngineError, ModelLoadError, ProbeConfigError, shown
+from pytest_patchscope.errors import EngineError, ProbeConfigError
 from pytest_patchscope.model.sites import DEFAULT_SITE, locate_site
 from pytest_patchscope.probes.probe import Probe, mapping_name
 from pytest_patchscope.progress import ProgressCallback
@@ -299,7 +300,7 @@ class Engine:
                 row = rows[k]
                 assert row.location is not None  # only patched rows have vectors
                 for key in row.sources:
-                    if not _finite(states[key][row.source_layer]):
+                    if not finite(states[key][row.source_layer]):
                         raise _NonFiniteSource(key, row.source_layer, row.location.site.hook_name(row.source_layer))
                 mapped = [apply_mapping(row.mapping, states[key][row.source_layer], row.location.shape) for key in row.sources]
                 flat = torch.stack([m.reshape(-1) for m in mapped])
@@ -333,7 +334,7 @@ class Engine:
                             vector_of(k)
             except _NonFiniteSource as bad:  # told here, once the pass's hooks are gone
                 model = self.model if bad.key[3] == "" else None
-                raise _model_overflow(model, bad.key[0], f"in the source state at {bad.hook_name}") from None
+                raise model_overflow(model, bad.key[0], f"in the source state at {bad.hook_name}") from None
             done += probes_in_chunk
             if progress is not None and probes_in_chunk:  # a chunk of clean rows only would read as done == 0: a new job
                 progress(done, total)
@@ -459,14 +460,14 @@ class Engine:
         naming where) from a patch that drives the layers after it to NaN/inf (a ProbeConfigError)."""
         import torch
 
-        if _finite(logits):
+        if finite(logits):
             return
         bad = set((~torch.isfinite(logits)).any(dim=-1).nonzero().flatten().tolist())
         r = next(r for r in plan.rows if plan.final[r] in bad)
         ids = (*rows[r].target_ids, *(generated[r] if generated else ()))
-        where = _first_non_finite(self.model, ids)
+        where = first_non_finite(self.model, ids)
         if where is not None:
-            raise _model_overflow(self.model, ids, where)
+            raise model_overflow(self.model, ids, where)
         root = rows[roots[r]]
         if root.sources and root.location is not None and root.patch_layer is not None:
             hook_name = root.location.site.hook_name(root.patch_layer)
@@ -481,51 +482,6 @@ class _NonFiniteSource(Exception):
     def __init__(self, key: StateKey, layer: int, hook_name: str) -> None:
         super().__init__(hook_name)
         self.key, self.layer, self.hook_name = key, layer, hook_name
-
-
-def _finite(values: "torch.Tensor") -> bool:
-    """Whether every value is finite, by one reduction: a sum is NaN/inf whenever a value is (and,
-    rarely, when finite values overflow it: then the exact check decides)."""
-    import torch
-
-    return bool(torch.isfinite(values.sum())) or bool(torch.isfinite(values).all())
-
-
-def _first_non_finite(model: "PatchscopeModel", ids: Sequence[int]) -> str | None:
-    """Where a plain forward of `model` over `ids` (no patch) first holds NaN/inf, or None. Its own
-    hooks see each layer's output (output_hidden_states would leave transformers' recorders on the layers)."""
-    import torch
-
-    found: list[int] = []
-
-    def check(layer_index: int, module: Any, args: tuple, output: Any) -> None:
-        if not found and not _finite(output[0] if isinstance(output, tuple) else output):
-            found.append(layer_index)
-
-    handles = [layer.register_forward_hook(partial(check, j)) for j, layer in enumerate(model.plain_layers)]
-    try:
-        with torch.no_grad():
-            logits = model.plain(input_ids=torch.tensor([list(ids)], device=model.device), use_cache=False).logits
-    finally:
-        for handle in handles:
-            handle.remove()
-    if found:
-        return f"from layer {found[0]} on (the output of blocks.{found[0]})"
-    return None if _finite(logits) else "in its final norm or LM head"
-
-
-def _model_overflow(model: "PatchscopeModel | None", ids: Sequence[int], where: str) -> ModelLoadError:
-    """The model itself (no patch involved) computes NaN/inf on a prompt: refuse to report anything."""
-    if model is not None:
-        where = _first_non_finite(model, ids) or where
-    name = "the source model" if model is None else f"model={model.name!r}"
-    prompt = shown(model.decode(list(ids))) if model is not None else f"of {len(ids)} tokens"
-    return ModelLoadError(
-        f"{name} computes NaN/inf values {where} on the prompt {prompt}, before any patch: its weights are "
-        "finite, but its activations overflow. No result is reported (NaN scores and the argmax of NaN logits "
-        "would pass for a verdict). Allowed: a model whose forward pass stays finite; check the checkpoint for "
-        "mis-scaled weights, or load it in float32 if it runs in float16 or bfloat16."
-    )
 
 
 def _capture_other_models(resolved: Sequence[ResolvedProbe], states: SourceStates, batch_memory_mb: float) -> None:

@@ -46,6 +46,9 @@ NOT_KEY_VALUE = {
     "gemma4_text": "per-layer head dimensions and key/value layers shared across layers",
     "mpt": "ALiBi position biases folded into boolean masks",
     "modernbert-decoder": "alternating global and local attention with its own masks",
+    "deepseek_v4": "hyper-connection residual streams (hc_mult per token) and compressed attention with caches of its own",
+    "kimi_linear": "hybrid linear/full attention layers", "minimax": "hybrid linear (lightning)/full attention layers",
+    "xlstm": "recurrent (xLSTM) layers",
 }
 """Families whose layers need more than a causal key/value cache and masks: they run on the general path."""
 

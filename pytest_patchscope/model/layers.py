@@ -26,19 +26,30 @@ weights were trained bidirectionally, so a patch in the prompt pass is not what 
 GENERAL_FAMILIES = (
     "mamba", "mamba2", "falcon_mamba", "jamba", "bamba", "zamba2", "falcon_h1", "nemotron_h", "granitemoehybrid",
     "recurrent_gemma", "lfm2", "qwen3_next", "qwen3_5_text", "gemma4_text", "llama4_text", "mpt", "rwkv", "openai-gpt",
-    "olmo_hybrid",
+    "olmo_hybrid", "deepseek_v4", "kimi_linear", "minimax", "xlstm", "lfm2_moe", "zamba",
 )
 """model_type values that run on the general path and that tests/test_families.py checks token for token against plain HF."""
 
-PADDED_BATCHES = frozenset(set(GENERAL_FAMILIES) - {"recurrent_gemma", "rwkv"})
+PADDED_BATCHES = frozenset(set(GENERAL_FAMILIES) - {"recurrent_gemma", "rwkv", "deepseek_v4", "xlstm", "minimax"})
 """Families whose own attention mask (and the position ids generate derives from it) makes a
 left-padded row compute what it computes alone, checked token for token in
 tests/test_families.py. The general path batches only prompts of one length for any other
-family: Griffin's recurrence (RecurrentGemma) runs through the padding."""
+family: Griffin's recurrence (RecurrentGemma) and xLSTM's run through the padding (xLSTM takes no
+mask at all), DeepSeek-V4's compressors pool the padding into their windows, which they count
+from the first token in the row, and MiniMax's decoding steps attend to the padding (transformers
+5.23 sizes their mask from layer 0's cache, which a lightning-attention layer leaves empty)."""
 
 UNBATCHED = frozenset({"rwkv"})
 """Families whose rows differ in a batch from the same row alone, even in a batch of two copies of
 one prompt (transformers 5.23's RWKV: measured in tests/test_families.py): one row per batch."""
+
+
+def residual_streams(config: Any) -> int:
+    """How many residual streams a decoder layer carries per token: 1, or `hc_mult` for the
+    hyper-connection families (DeepSeek-V4), whose layers take and return (batch, tokens, hc_mult,
+    d_model). A site at the layer's input or output then holds all of them, stream after stream."""
+    streams = getattr(config, "hc_mult", None)
+    return streams if isinstance(streams, int) and streams > 1 else 1
 
 
 def last_token_layers(config: Any) -> int | None:
@@ -56,10 +67,11 @@ ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention", "mixer", 
 token mixer varies by layer: only an attention class counts)."""
 MLP_NAMES = ("mlp", "feed_forward", "ffn", "mlp_block", "block_sparse_moe", "shared_mlp", "mixer")
 """Names of a decoder layer's MLP submodule (`mixer`: only an MLP or mixture-of-experts class counts)."""
-DOWN_NAMES = ("down_proj", "fc2", "c_proj", "dense_4h_to_h", "fc_out", "w2")
-"""An MLP's down projection, whose input is the MLP's neurons."""
-OUT_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo")
-"""An attention module's output projection, whose input is the heads' outputs side by side."""
+DOWN_NAMES = ("down_proj", "fc2", "c_proj", "dense_4h_to_h", "fc_out", "w2", "proj_down")
+"""An MLP's down projection, whose input is the MLP's neurons (`proj_down`: xLSTM's feed-forward)."""
+OUT_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo", "o_a_proj")
+"""An attention module's output projection, whose input is the heads' outputs side by side
+(`o_a_proj`: DeepSeek-V4's grouped output projection, which takes them in `n_groups` groups)."""
 HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "num_attn_heads")
 POST_ATTENTION_NORMS = ("post_attention_layernorm", "post_operator_norm")
 POST_MLP_NORMS = ("post_feedforward_layernorm", "post_ffn_norm")
@@ -171,8 +183,11 @@ def describe_layer(layer: Any) -> str:
 
 
 def input_width(module: Any) -> int:
-    """A projection's input width: nn.Linear's in_features, or a GPT-2 style Conv1D's weight rows."""
+    """A projection's input width: nn.Linear's in_features (times its groups, for a grouped linear
+    that applies one block of in_features to each of `n_groups` slices: DeepSeek-V4's o_a_proj), or
+    a GPT-2 style Conv1D's weight rows."""
     width = getattr(module, "in_features", None)
     if isinstance(width, int):
-        return width
+        groups = getattr(module, "n_groups", 1)
+        return width * (groups if isinstance(groups, int) and groups > 1 else 1)
     return int(module.weight.shape[0])

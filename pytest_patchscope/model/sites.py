@@ -23,6 +23,7 @@ from pytest_patchscope.model.layers import (
     mlps_of,
     output_projection,
     post_norm,
+    residual_streams,
 )
 
 if TYPE_CHECKING:
@@ -63,7 +64,8 @@ class SiteLocation:
 
     `path` is a submodule of the decoder layer ("" for the layer itself); `side` is whether the
     value is that module's input or its output. `shape` is what a mapping gets and returns:
-    (d_model,), (d_mlp,) or (n_heads, d_head). Units index its first axis.
+    (d_model,), (d_mlp,) or (n_heads, d_head); (hc_mult * d_model,) at the input or output of a
+    layer that carries hc_mult residual streams (DeepSeek-V4). Units index its first axis.
     """
 
     site: Site
@@ -215,7 +217,9 @@ def _in_layer(model: "PatchscopeModel", kind: Site, j: int) -> SiteLocation | st
     """The site's location in layer j, or why the layer has none."""
     block, d_model = model.plain_layers[j], model.d_model
     if kind.name in ("resid_post", "resid_pre"):
-        return SiteLocation(kind, "", "output" if kind.name == "resid_post" else "input", (d_model,))
+        # Hyper-connection families carry several residual streams: the layer's input and output hold them all.
+        width = d_model * residual_streams(model.hf.config)
+        return SiteLocation(kind, "", "output" if kind.name == "resid_post" else "input", (width,))
     if kind.name in ("attn_out", "heads"):
         attention = attention_of(block)
         if attention is None:
