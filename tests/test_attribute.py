@@ -383,8 +383,6 @@ def test_the_example_gate_passes_on_the_release_model(pytester, tmp_path, monkey
     every datapoint is compared (none new, none missing) and none regressed."""
     import shutil
 
-    import transformer_lens.model_bridge  # noqa: F401  (see test_plugin.py: import outside pytester runs)
-
     repo = Path(__file__).resolve().parents[1]
     baseline = tmp_path / "baseline.json"
     shutil.copy(repo / "example_suites" / "paper_attribute" / "baseline.json", baseline)

@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import transformer_lens.model_bridge  # noqa: F401  (see test_plugin.py: import outside pytester runs)
 
 pytest_plugins = ["pytester"]
 

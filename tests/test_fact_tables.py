@@ -11,7 +11,6 @@ import re
 from pathlib import Path
 
 import pytest
-import transformer_lens.model_bridge  # noqa: F401  (see test_plugin.py: import outside pytester runs)
 
 from pytest_patchscope import Patchscope, Placeholder, Span, Substring, load_model
 from pytest_patchscope.fact_tables import TableError, load_table

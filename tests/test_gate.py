@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import transformer_lens.model_bridge  # noqa: F401  (see test_plugin.py: import outside pytester runs)
 
 pytest_plugins = ["pytester"]
 

@@ -3,10 +3,6 @@ from __future__ import annotations
 
 import pytest
 
-# Imported here, outside pytester's runs: pytester restores sys.modules after each in-process run,
-# and re-importing transformer_lens (through `datasets`) registers pyarrow types twice.
-import transformer_lens.model_bridge  # noqa: F401
-
 pytest_plugins = ["pytester"]
 
 OPTIONS = [

@@ -9,10 +9,6 @@ import sys
 
 import pytest
 
-# Imported here, outside pytester's runs: pytester restores sys.modules after each in-process run,
-# and re-importing transformer_lens (through `datasets`) registers pyarrow types twice.
-import transformer_lens.model_bridge  # noqa: F401
-
 import pytest_patchscope.progress as progress_module
 from pytest_patchscope import TOKEN_IDENTITY, Patchscope
 from pytest_patchscope.errors import ProbeConfigError

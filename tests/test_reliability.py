@@ -18,9 +18,6 @@ import numpy as np
 import pytest
 import torch
 
-# Imported here, outside pytester's runs (see tests/test_plugin.py).
-import transformer_lens.model_bridge  # noqa: F401
-
 from pytest_patchscope import Placeholder, Probe
 from pytest_patchscope.errors import ModelLoadError, ProbeConfigError
 from pytest_patchscope.model.loading import from_hf, load_model

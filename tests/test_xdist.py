@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformer_lens.model_bridge  # noqa: F401  (see test_plugin.py: import outside pytester runs)
 
 pytest_plugins = ["pytester"]
 
