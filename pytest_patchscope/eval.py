@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 from pytest_patchscope import attribute
 from pytest_patchscope.engine.runner import DEFAULT_BATCH_MEMORY_MB, run_probes
 from pytest_patchscope.errors import PatchscopeError, ProbeConfigError, ReportError
+from pytest_patchscope.model.layers import residual_streams
 from pytest_patchscope.model.sites import DEFAULT_SITE
 from pytest_patchscope.probes.presets import TOKEN_IDENTITY
 from pytest_patchscope.progress import ProgressLog, progress_label
@@ -473,6 +474,14 @@ def evaluate_nexttoken(
 
     model = scope.model
     L = model.n_layers
+    streams = residual_streams(model.hf.config)
+    if streams > 1:
+        raise ProbeConfigError(
+            "model", model.name,
+            "a model with one residual stream per token: the logit lens and the affine maps read h_l as d_model values",
+            hint=f"This model carries {streams} hyper-connection streams per token, which its own head merges first; "
+            "probe it with generate/sweep instead (resid_post then holds all the streams).",
+        )
     chosen = parse_layers(layers, L)
     check_int("n", n, 1)
     n_train = n if n_train is None else n_train

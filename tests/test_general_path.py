@@ -175,3 +175,15 @@ def test_a_model_that_overflows_is_refused_naming_the_layer_as_on_the_packed_pat
     assert "model='tiny-overflow'" in message and "from layer 1 on (the output of blocks.1)" in message
     assert "before any patch" in message
     assert active_hooks(overflowing_mamba.model) == []
+
+
+def test_the_next_token_evaluation_refuses_hyper_connection_streams(tokenizer):
+    """DeepSeek-V4's layers carry hc_mult residual streams that only its head merges: the logit lens
+    and the affine maps of `patchscope-eval nexttoken` would read them as one, so it is refused by name."""
+    from pytest_patchscope.eval import evaluate_nexttoken
+
+    scope = general_scope("deepseek_v4", tokenizer)
+    with pytest.raises(ProbeConfigError, match=r"^model='tiny-deepseek_v4' is not valid: a model with one residual stream per token.*"
+                                               r"carries 2 hyper-connection streams"):
+        evaluate_nexttoken(scope, ["some text " * 20], n=2, n_train=0, plot=False)
+    assert active_hooks(scope.model) == []

@@ -31,7 +31,7 @@ from pytest_patchscope.engine.resolve import apply_mapping
 from pytest_patchscope.engine.rows import Row, RowOutput, SourceStates, StateKey
 from pytest_patchscope.engine.streams import overflow_error
 from pytest_patchscope.errors import EngineError, ModelLoadError, ProbeConfigError
-from pytest_patchscope.model.layers import PADDED_BATCHES, UNBATCHED, last_token_layers
+from pytest_patchscope.model.layers import PADDED_BATCHES, UNBATCHED, last_token_layers, residual_streams
 from pytest_patchscope.model.sites import SiteLocation, locate_site
 from pytest_patchscope.probes.probe import mapping_name
 from pytest_patchscope.progress import ProgressCallback
@@ -115,7 +115,7 @@ def _row_bytes(model: "PatchscopeModel", width: int, new_tokens: int) -> int:
     eager attention scores, and its logits: every position's where the forward cannot keep only the last."""
     config = model.hf.config
     element = next(model.hf.parameters()).dtype.itemsize
-    d = model.d_model
+    d = model.d_model * residual_streams(config)  # hyper-connection layers carry hc_mult streams
     length = width + new_tokens
     cache = model.n_layers * d * (2 * length + 64)
     inter = getattr(config, "intermediate_size", None) or 4 * d
