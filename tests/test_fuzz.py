@@ -240,7 +240,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_the_public_api_fails_only_with_named_project_errors(tiny_model, capsys, one_thread):
+def test_the_public_api_fails_only_with_named_project_errors(tiny_model, one_thread):
     reference_scope = Patchscope(tiny_model)
     reference = reference_scope.generate("Tokyo", "The capital city of x is", **REFERENCE)
     outcomes: collections.Counter[str] = collections.Counter()
@@ -272,9 +272,8 @@ def test_the_public_api_fails_only_with_named_project_errors(tiny_model, capsys,
     fuzz()
     errors = {key[6:]: n for key, n in sorted(outcomes.items()) if key.startswith("error:")}
     examples_run = outcomes["ok"] + sum(errors.values())
-    with capsys.disabled():
-        print(f"\nfuzz {tiny_model.name}: {examples_run} examples ({outcomes['faulty']} with one bad argument), "
-              f"{outcomes['ok']} ok, {sum(errors.values())} ProbeConfigError by field: "
-              + ", ".join(f"{field} {n}" for field, n in errors.items())
-              + f"; {outcomes['warned']} PatchscopeWarning")
+    print(f"\nfuzz {tiny_model.name}: {examples_run} examples ({outcomes['faulty']} with one bad argument), "  # shown with -s
+          f"{outcomes['ok']} ok, {sum(errors.values())} ProbeConfigError by field: "
+          + ", ".join(f"{field} {n}" for field, n in errors.items())
+          + f"; {outcomes['warned']} PatchscopeWarning")
     assert examples_run >= EXAMPLES and outcomes["ok"] > EXAMPLES // 4 and len(errors) >= 10
