@@ -169,17 +169,18 @@ def _plain_environment(request: pytest.FixtureRequest, monkeypatch: pytest.Monke
         monkeypatch.delenv(name, raising=False)
     if cost_class(request.node) == "pytester":
         monkeypatch.setenv("PATCHSCOPE_CACHE_DIR", str(USER_CACHE))
-    if "pytester" in request.fixturenames:
-        _import_before_pytester()
 
 
-def _import_before_pytester() -> None:
+@pytest.fixture(autouse=True)
+def _imported_before_pytester(request: pytest.FixtureRequest) -> None:
     """Import, outside any pytester run, what an inner run's model load imports. pytester removes
     the modules an in-process run imported when it ends, and some cannot be imported twice in one
     process: torch.distributed's operator library (RuntimeError: Only a single TORCH_LIBRARY ...),
     pyarrow's types (through TransformerLens and `datasets`); and a model module imported afresh
     gives new classes, under which transformers' output recorders no longer find the layers of
     models built before (an empty `hidden_states`)."""
+    if "pytester" not in request.fixturenames:
+        return
     import torch.distributed.tensor  # noqa: F401
     import transformer_lens.model_bridge  # noqa: F401
     import transformers.core_model_loading  # noqa: F401

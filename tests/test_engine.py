@@ -245,8 +245,8 @@ def test_last_layer_state_is_pre_final_norm(tiny_llama):
     ids = tiny_llama.tokenize("The capital of France is")
     last = tiny_llama.n_layers - 1
     captured = Engine(tiny_llama).capture(ids, -1, [last])[last]
-    # A plain HF twin (the same seed, so the same weights), not the bridged model: transformers'
-    # output recorders live on the layers and are installed once, so the shared session model is no reference.
+    # A plain HF twin (the same seed, so the same weights), built here: the session's model may predate a
+    # re-import of the Llama module (pytester's), under which transformers' output recorders find none of its layers.
     plain = tiny_hf_model("llama", len(tiny_llama.tokenizer))
     with torch.no_grad():
         post_norm = plain(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1]

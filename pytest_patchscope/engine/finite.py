@@ -50,10 +50,12 @@ def first_non_finite(model: "PatchscopeModel", ids: Sequence[int]) -> str | None
     return None if finite(logits) else "in its final norm or LM head"
 
 
-def model_overflow(model: "PatchscopeModel | None", ids: Sequence[int], where: str) -> ModelLoadError:
+def model_overflow(model: "PatchscopeModel | None", ids: Sequence[int], where: str, *, locate: bool = True) -> ModelLoadError:
     """The model itself (no patch involved) computes NaN/inf on a prompt: refuse to report anything.
-    `model` None: the prompt ran on another (source) model, which cannot be run again here."""
-    if model is not None:
+    With `locate`, a plain forward finds the layer it starts from (else `where` stands: a caller
+    that has run `first_non_finite` already passes what it found). `model` None: the prompt ran on
+    another (source) model, which cannot be run again here."""
+    if locate and model is not None:
         where = first_non_finite(model, ids) or where
     name = "the source model" if model is None else f"model={model.name!r}"
     prompt = shown(model.decode(list(ids))) if model is not None else f"of {len(ids)} tokens"
@@ -63,3 +65,9 @@ def model_overflow(model: "PatchscopeModel | None", ids: Sequence[int], where: s
         "would pass for a verdict). Allowed: a model whose forward pass stays finite; check the checkpoint for "
         "mis-scaled weights, or load it in float32 if it runs in float16 or bfloat16."
     )
+
+
+def source_overflow(model: "PatchscopeModel", key: tuple, hook_name: str) -> ModelLoadError:
+    """A captured source value (key: a StateKey, (source ids, index, site, source model)) is NaN/inf:
+    nothing was patched yet, so the source model overflows on its own prompt."""
+    return model_overflow(model if key[3] == "" else None, key[0], f"in the source state at {hook_name}")

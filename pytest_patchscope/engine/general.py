@@ -26,7 +26,7 @@ import math
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from pytest_patchscope.engine.decode import degeneration, first_step_scores, next_token, row_generator, token_rank
-from pytest_patchscope.engine.finite import finite, first_non_finite, model_overflow
+from pytest_patchscope.engine.finite import finite, first_non_finite, model_overflow, source_overflow
 from pytest_patchscope.engine.resolve import apply_mapping
 from pytest_patchscope.engine.rows import Row, RowOutput, SourceStates, StateKey
 from pytest_patchscope.engine.streams import overflow_error
@@ -366,7 +366,7 @@ def _patch_writer(
                 keep = torch.zeros(flat.shape[-1], dtype=torch.bool, device=flat.device)
                 keep[list(columns)] = True
                 patched = torch.where(keep, patched, clean)
-            if not torch.isfinite(patched).all():
+            if not finite(patched):
                 if not finite(clean):  # the model's own value there is NaN/inf already: no patch is to blame
                     raise _NonFinite(b, 0 if passes.prompt else passes.calls - 1, hook_name)
                 raise overflow_error(row.strength, mapping_name(row.mapping), hook_name, flat.dtype)
@@ -444,7 +444,7 @@ def _non_finite_error(model: "PatchscopeModel", row: Row, tokens: Sequence[int],
     ids = (*row.target_ids, *tokens)
     where = first_non_finite(model, ids)
     if where is not None or bad.hook_name:
-        return model_overflow(model, ids, where or f"at {bad.hook_name}")
+        return model_overflow(model, ids, where or f"at {bad.hook_name}", locate=False)
     if row.sources and row.location is not None and row.patch_layer is not None:
         hook_name = row.location.site.hook_name(row.patch_layer)
         return overflow_error(row.strength, mapping_name(row.mapping), hook_name, next(model.hf.parameters()).dtype, downstream=True)
@@ -464,8 +464,7 @@ def _check_non_finite_sources(model: "PatchscopeModel", rows: Sequence[Row], sta
             continue
         for key in row.sources:
             if not finite(states[key][row.source_layer]):
-                hook_name = row.location.site.hook_name(row.source_layer)
-                raise model_overflow(model if key[3] == "" else None, key[0], f"in the source state at {hook_name}")
+                raise source_overflow(model, key, row.location.site.hook_name(row.source_layer))
 
 
 def _check_last_token_layers(model: "PatchscopeModel", rows: Sequence[Row]) -> None:

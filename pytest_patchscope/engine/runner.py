@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, cast
 
 from pytest_patchscope.engine import general
 from pytest_patchscope.engine.decode import degeneration, first_step_scores, next_token, row_generator, token_rank
-from pytest_patchscope.engine.finite import finite, first_non_finite, model_overflow
+from pytest_patchscope.engine.finite import finite, first_non_finite, model_overflow, source_overflow
 from pytest_patchscope.engine.resolve import ResolvedProbe, apply_mapping, resolve_probe
 from pytest_patchscope.engine.results import PatchResult
 from pytest_patchscope.engine.rows import Row, RowOutput, SourceStates, StateKey, build_rows, family_roots, probe_result, source_model_key
@@ -333,8 +333,7 @@ class Engine:
                         if row.sources and row.parent is None:
                             vector_of(k)
             except _NonFiniteSource as bad:  # told here, once the pass's hooks are gone
-                model = self.model if bad.key[3] == "" else None
-                raise model_overflow(model, bad.key[0], f"in the source state at {bad.hook_name}") from None
+                raise source_overflow(self.model, bad.key, bad.hook_name) from None
             done += probes_in_chunk
             if progress is not None and probes_in_chunk:  # a chunk of clean rows only would read as done == 0: a new job
                 progress(done, total)
@@ -467,7 +466,7 @@ class Engine:
         ids = (*rows[r].target_ids, *(generated[r] if generated else ()))
         where = first_non_finite(self.model, ids)
         if where is not None:
-            raise model_overflow(self.model, ids, where)
+            raise model_overflow(self.model, ids, where, locate=False)
         root = rows[roots[r]]
         if root.sources and root.location is not None and root.patch_layer is not None:
             hook_name = root.location.site.hook_name(root.patch_layer)
